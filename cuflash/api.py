@@ -1,0 +1,256 @@
+"""The public API: attention forward/backward with exact Philox dropout, on CuPy or NumPy arrays.
+
+CuPy arrays run the fused kernels on the current CuPy device and stream; NumPy arrays
+run the float64 reference (``cuflash.reference``) on the CPU with the very same mask,
+so a result can be debugged or compared without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from . import _generator, _validate
+from . import mask as _mask
+from . import reference as _reference
+
+__all__ = ["AttentionContext", "attention", "attention_forward", "attention_backward", "dropout_mask"]
+
+Array = Any  # cupy.ndarray or numpy.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """What attention_backward needs, and what the forward decided.
+
+    q, k, v, out: the forward's inputs and output (references, not copies)
+    lse:          float32 (B, H, Sq), natural-log logsumexp of the scaled scores per row
+                  (-inf for a row that sees no key)
+    softmax_scale, causal, deterministic: as used
+    dropout_p:    the probability asked for
+    keep_prob:    the realized keep probability (65536 - threshold) / 65536
+    seed, offset: the Philox key and counter word the mask was drawn with (None if p == 0)
+    """
+
+    q: Array
+    k: Array
+    v: Array
+    out: Array
+    lse: Array
+    softmax_scale: float
+    causal: bool
+    deterministic: bool
+    dropout_p: float
+    keep_prob: float
+    threshold: int
+    seed: int | None
+    offset: int | None
+
+    @property
+    def dropout_p_effective(self) -> float:
+        """The drop probability actually applied: threshold / 65536."""
+        return 1.0 - self.keep_prob
+
+    @property
+    def dropout_scale(self) -> float:
+        """Factor applied to kept probabilities: 1 / keep_prob."""
+        return 1.0 / self.keep_prob
+
+
+def _resolve_rng(p: float, seed, offset) -> tuple[int | None, int | None]:
+    seed, offset = _validate.check_seed_offset(seed, offset)
+    if p == 0.0:
+        return seed, offset
+    if seed is None and offset is None:
+        return _generator.next_seed_offset()
+    if seed is None:
+        return _generator.initial_seed(), offset
+    return seed, 0 if offset is None else offset
+
+
+def attention_forward(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+    offset: int | None = None,
+    deterministic: bool = False,
+) -> tuple[Array, AttentionContext]:
+    """Attention forward; returns ``(out, ctx)`` for attention_backward.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, Hk, D) with H % Hk == 0 (GQA/MQA), D a multiple of
+    8 up to 256, last dim contiguous (other strides free: slices of a packed qkv buffer
+    are fine). CuPy arrays: float16 or bfloat16 (ml_dtypes), run on the GPU. NumPy
+    arrays: also float32/float64, run by the float64 CPU reference.
+    out: (B, Sq, H, D) in q's dtype.
+
+    causal: mask aligned bottom-right, query row i sees key j iff j <= i + Sk - Sq
+    (rows that see no key give 0)::
+
+        Sq=3, Sk=5     Sq=5, Sk=3
+        x x x . .      . . .
+        x x x x .      . . .
+        x x x x x      x . .
+                       x x .
+                       x x x
+
+    dropout_p: drop probability in [0, 1), applied to the softmax probabilities; the
+    mask is the pure function of (seed, offset, b, h, i, j) that cuflash.dropout_mask
+    returns, and kept values are scaled by 1 / ctx.keep_prob.
+    seed, offset: Philox key (int < 2**64) and counter word (int < 2**32). With both
+    None the global generator (cuflash.manual_seed) supplies them and advances.
+    softmax_scale: defaults to 1 / sqrt(D).
+    deterministic: make the backward bitwise reproducible run to run.
+    """
+    prob = _validate.check_qkv(q, k, v)
+    flags = _validate.check_flags(causal=causal, deterministic=deterministic)
+    p, threshold = _validate.check_dropout(dropout_p)
+    scale = _validate.check_scale(softmax_scale, prob.head_dim)
+    if p > 0.0:
+        _validate.check_mask_shape(prob.batch, prob.nheads)
+    seed, offset = _resolve_rng(p, seed, offset)
+    keep_prob = _mask.keep_probability(threshold)
+
+    if prob.xp_name == "cupy":
+        from . import _attn_gpu
+
+        out, lse = _attn_gpu.forward(
+            prob, q, k, v, softmax_scale=scale, causal=flags["causal"],
+            seed=seed or 0, offset=offset or 0, threshold=threshold,
+        )
+    else:
+        keep = None
+        if threshold > 0:
+            keep = _mask.dropout_mask_numpy(
+                prob.batch, prob.nheads, prob.seqlen_q, prob.seqlen_k,
+                threshold=threshold, seed=seed, offset=offset,
+            )
+        out64, lse64 = _reference.attention_forward_ref(
+            q, k, v, causal=flags["causal"], softmax_scale=scale, keep=keep, keep_scale=1.0 / keep_prob
+        )
+        out, lse = out64.astype(q.dtype), lse64.astype(np.float32)
+
+    ctx = AttentionContext(
+        q=q, k=k, v=v, out=out, lse=lse, softmax_scale=scale, causal=flags["causal"],
+        deterministic=flags["deterministic"], dropout_p=p, keep_prob=keep_prob, threshold=threshold,
+        seed=seed, offset=offset,
+    )
+    return out, ctx
+
+
+def attention_backward(dout: Array, ctx: AttentionContext) -> tuple[Array, Array, Array]:
+    """Gradients ``(dq, dk, dv)`` of the forward recorded in ``ctx``, given dout = dL/dout.
+
+    dout: (B, Sq, H, D), same array library, device and dtype as the forward's out.
+    dq has q's shape; dk, dv have k's and v's shape (summed over the query heads that
+    share a kv head under GQA). Dropout regenerates the forward's mask from
+    (ctx.seed, ctx.offset); nothing of size Sq x Sk was stored.
+    """
+    if not isinstance(ctx, AttentionContext):
+        raise TypeError(f"ctx must be the AttentionContext from attention_forward, got {type(ctx).__name__}")
+    mod = _validate.array_module_name(dout)
+    if mod is None:
+        raise TypeError(f"dout must be a CuPy or NumPy array, got {type(dout).__name__}")
+    if mod != _validate.array_module_name(ctx.out):
+        raise TypeError(f"dout is a {mod} array but the forward ran on {_validate.array_module_name(ctx.out)} arrays")
+    if dout.shape != ctx.out.shape:
+        raise ValueError(f"dout must have out's shape {ctx.out.shape}, got {dout.shape}")
+    if dout.dtype != ctx.out.dtype:
+        raise TypeError(f"dout must have out's dtype {ctx.out.dtype.name}, got {dout.dtype.name}")
+    if dout.strides[-1] != dout.itemsize:
+        raise ValueError("dout's last dimension must be contiguous")
+    if mod == "cupy" and dout.device.id != ctx.out.device.id:
+        raise ValueError(f"dout is on device {dout.device.id} but the forward ran on device {ctx.out.device.id}")
+
+    if mod == "cupy":
+        from . import _attn_gpu
+
+        return _attn_gpu.backward(dout, ctx)
+
+    prob = _validate.check_qkv(ctx.q, ctx.k, ctx.v)
+    keep = None
+    if ctx.threshold > 0:
+        keep = _mask.dropout_mask_numpy(
+            prob.batch, prob.nheads, prob.seqlen_q, prob.seqlen_k,
+            threshold=ctx.threshold, seed=ctx.seed, offset=ctx.offset,
+        )
+    dq, dk, dv = _reference.attention_backward_ref(
+        dout, ctx.q, ctx.k, ctx.v, ctx.out, ctx.lse, causal=ctx.causal,
+        softmax_scale=ctx.softmax_scale, keep=keep, keep_scale=1.0 / ctx.keep_prob,
+    )
+    return dq.astype(ctx.q.dtype), dk.astype(ctx.k.dtype), dv.astype(ctx.v.dtype)
+
+
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+    offset: int | None = None,
+    deterministic: bool = False,
+) -> Array:
+    """Attention output only: ``attention_forward(...)[0]``. Shapes as there."""
+    out, _ = attention_forward(
+        q, k, v, dropout_p=dropout_p, causal=causal, softmax_scale=softmax_scale,
+        seed=seed, offset=offset, deterministic=deterministic,
+    )
+    return out
+
+
+def dropout_mask(
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    xp=None,
+) -> Array:
+    """The keep mask the attention kernels apply: bool (batch, nheads, seqlen_q, seqlen_k), True = kept.
+
+    xp: cupy (made on the GPU by the same device functions the kernels call) or numpy
+    (the NumPy twin); default cupy when a GPU is present, else numpy. Both give the
+    same bits.
+    """
+    for name, val in (("batch", batch), ("nheads", nheads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
+        if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {type(val).__name__}")
+        if val < 1:
+            raise ValueError(f"{name} must be >= 1, got {val}")
+    if seqlen_k >= _mask.MAX_SEQLEN_K:
+        raise ValueError(f"seqlen_k must be below 2**31, got {seqlen_k}")
+    _validate.check_mask_shape(int(batch), int(nheads))
+    _, threshold = _validate.check_dropout(dropout_p)
+    if seed is None or offset is None:
+        raise TypeError("dropout_mask needs explicit seed and offset (ints), e.g. ctx.seed and ctx.offset")
+    seed, offset = _validate.check_seed_offset(seed, offset)
+    if xp is None:
+        from . import gpu_available
+
+        if gpu_available():
+            import cupy as xp
+        else:
+            xp = np
+    name = getattr(xp, "__name__", "")
+    if name == "numpy":
+        return _mask.dropout_mask_numpy(
+            int(batch), int(nheads), int(seqlen_q), int(seqlen_k), threshold=threshold, seed=seed, offset=offset
+        )
+    if name != "cupy":
+        raise TypeError(f"xp must be the numpy or cupy module, got {xp!r}")
+    from . import _mask_gpu
+
+    return _mask_gpu.dropout_mask(int(batch), int(nheads), int(seqlen_q), int(seqlen_k),
+                                  threshold=threshold, seed=seed, offset=offset)

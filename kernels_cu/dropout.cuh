@@ -1,0 +1,69 @@
+// The dropout mask: one definition, shared by every kernel (forward, backward, the
+// dropout_mask() kernel) and twinned in NumPy by cuflash/mask.py.
+//
+// keep(b, h, i, j) for batch b, query head h, query row i, key column j:
+//   block     R = i >> 4,  C = j >> 4          (a 16x16 block of the score matrix)
+//   in-block  r = i & 15,  c = j & 15
+//   lane      = (r & 7) * 4 + ((c & 7) >> 1)   (0..31)
+//   words     = Philox4x32-10(counter = (C * 32 + lane, R, (b << 16) | h, offset),
+//                             key     = (seed & 0xffffffff, seed >> 32))
+//             = curand_init(seed, (offset << 32) | (b << 16) | h, 4 * ((R << 32) | (C << 5) | lane))
+//               followed by one curand4()
+//   u16       = 16-bit half (c & 1) of words[((c >> 3) << 1) | (r >> 3)]   (half 0 = low bits)
+//   keep      = u16 >= threshold,  threshold = round(p * 65536)
+// The realized keep probability is (65536 - threshold) / 65536 and kept values are
+// scaled by its inverse, so the expectation is exact (no bias from quantizing p).
+//
+// Why this layout: in the accumulator fragment of mma.m16n8k16 (and of wgmma, which
+// repeats it per 8 columns) lane t holds rows t/4 and t/4 + 8 of a 16-row tile and
+// columns 2(t%4), 2(t%4)+1 of each 8-column tile. So over a 16x16 block lane t owns
+// exactly the 8 elements of Philox call `lane = t`: one call per thread per block,
+// no shuffles, and word[2*n8 + row_half] holds the column pair that becomes one
+// half2 of P. The mask is still a pure function of (seed, offset, b, h, i, j, p):
+// tiles, warps, head dim, causal flags, GPU and kernel path never enter it.
+// Limits (checked in Python): b, h < 2^16, offset < 2^32, j < 2^31, i < 2^36.
+#pragma once
+
+#include "philox.cuh"
+
+namespace cuflash {
+
+constexpr unsigned kDropoutBits = 16;                 // random bits per element
+constexpr unsigned kDropoutRange = 1u << kDropoutBits;  // threshold scale: p * 65536
+
+struct DropoutParams {
+  unsigned long long seed;  // Philox key
+  unsigned offset;          // selects a fresh mask per call (Philox counter word w)
+  unsigned threshold;       // round(p * 65536); 0 keeps everything
+  float scale;              // 65536 / (65536 - threshold) = 1 / keep probability
+};
+
+// The four words of 16x16 block (R, C) for `lane` of batch b, head h.
+__device__ __forceinline__ uint4 dropout_block_words(const DropoutParams& dp, unsigned b, unsigned h,
+                                                     unsigned R, unsigned C, unsigned lane) {
+  const uint4 ctr = make_uint4(C * 32u + lane, R, (b << 16) | h, dp.offset);
+  const uint2 key = make_uint2(static_cast<unsigned>(dp.seed), static_cast<unsigned>(dp.seed >> 32));
+  return philox4x32_10(ctr, key);
+}
+
+// Keep bits of one column pair (c even, c + 1): bit 0 for column c, bit 1 for c + 1.
+__device__ __forceinline__ unsigned dropout_pair_keep(unsigned word, unsigned threshold) {
+  return ((word & 0xffffu) >= threshold ? 1u : 0u) | ((word >> 16) >= threshold ? 2u : 0u);
+}
+
+__device__ __forceinline__ unsigned select_word(const uint4& w, unsigned idx) {
+  return idx == 0 ? w.x : idx == 1 ? w.y : idx == 2 ? w.z : w.w;
+}
+
+// keep(b, h, i, j) for one element, straight from the definition above (for code that
+// does not hold mma fragments, such as the dropout_mask() kernel's bounds path).
+__device__ __forceinline__ bool dropout_keep(const DropoutParams& dp, unsigned b, unsigned h,
+                                             unsigned long long i, unsigned j) {
+  const unsigned r = static_cast<unsigned>(i & 15), c = j & 15;
+  const uint4 w = dropout_block_words(dp, b, h, static_cast<unsigned>(i >> 4), j >> 4,
+                                      (r & 7) * 4 + ((c & 7) >> 1));
+  const unsigned word = select_word(w, ((c >> 3) << 1) | (r >> 3));
+  return ((word >> (16 * (c & 1))) & 0xffffu) >= dp.threshold;
+}
+
+}  // namespace cuflash

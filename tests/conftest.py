@@ -1,0 +1,27 @@
+"""Shared test setup: the `gpu` marker skips cleanly where no CUDA GPU is present.
+
+Run everything where there is a GPU with:  python -m pytest tests
+Only the GPU tests:                         python -m pytest -m gpu tests
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import cuflash
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuflash.gpu_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine (GPU tests run on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cp():
+    import cupy
+
+    return cupy

@@ -1,0 +1,57 @@
+"""Every kernel variant compiles with NVRTC for sm_80 and sm_90a (no GPU needed; runs in CI)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from cuflash._compile import compile_variant, parse_ptxas_log
+from cuflash._config import CHECK_ARCHS, all_variants
+from cuflash._source import load_source
+from cuflash.check import run_check
+
+
+def test_every_variant_compiles_without_spills():
+    buf = io.StringIO()
+    failures = run_check(CHECK_ARCHS, out=buf)
+    print(buf.getvalue())
+    assert failures == 0, buf.getvalue()
+    assert " SPILL" not in buf.getvalue(), "a kernel spills registers to local memory"
+
+
+def test_every_entry_source_inlines_its_headers():
+    for v in all_variants():
+        src = load_source(v.entry)
+        assert '#include "' not in src, v.entry
+        assert f'#line 1 "kernels_cu/{v.entry}"' in src
+
+
+def test_line_directives_point_at_the_header(tmp_path, monkeypatch):
+    # A compile error inside a header must be reported against that header's own line.
+    import cuflash._source as source
+
+    (tmp_path / "philox.cuh").write_text("#pragma once\n")
+    (tmp_path / "bad.cuh").write_text("#pragma once\n\nint broken = ;\n")
+    (tmp_path / "entry.cu").write_text('#include "bad.cuh"\nextern "C" __global__ void k() {}\n')
+    monkeypatch.setattr(source, "kernel_dir", lambda: tmp_path)
+    source.load_source.cache_clear()
+    try:
+        from cuflash._compile import CompileError, KernelVariant
+
+        with pytest.raises(CompileError, match=r"kernels_cu/bad\.cuh\(3\)"):
+            compile_variant(KernelVariant("entry.cu", ("k",)), "sm_80", use_cache=False)
+    finally:
+        source.load_source.cache_clear()
+
+
+def test_ptxas_log_parser():
+    log = (
+        "ptxas info    : Compiling entry function 'fwd' for 'sm_90a'\n"
+        "ptxas info    : Function properties for fwd\n"
+        "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 168 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]\n"
+    )
+    (r,) = parse_ptxas_log(log)
+    assert (r.function, r.arch, r.registers, r.spill_stores, r.spill_loads, r.stack_bytes, r.smem_bytes) == (
+        "fwd", "sm_90a", 168, 4, 4, 8, 1024)
