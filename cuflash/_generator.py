@@ -24,6 +24,8 @@ def manual_seed(seed: int) -> None:
     """Seed the global dropout generator (offset restarts at 0). seed: int in [0, 2**64)."""
     from ._validate import check_seed_offset
 
+    if seed is None:
+        raise TypeError("seed must be an integer in [0, 2**64), got None")
     s, _ = check_seed_offset(seed, None)
     global _seed, _offset
     with _lock:
@@ -45,6 +47,8 @@ def set_state(state: tuple[int, int]) -> None:
     """Restore a state returned by get_state()."""
     from ._validate import check_seed_offset
 
+    if not isinstance(state, tuple) or len(state) != 2 or None in state:
+        raise TypeError(f"state must be a (seed, offset) tuple of integers, got {state!r}")
     s, o = check_seed_offset(*state)
     global _seed, _offset
     with _lock:

@@ -31,7 +31,8 @@ class AttentionContext:
     softmax_scale, causal, deterministic: as used
     dropout_p:    the probability asked for
     keep_prob:    the realized keep probability (65536 - threshold) / 65536
-    seed, offset: the Philox key and counter word the mask was drawn with (None if p == 0)
+    seed, offset: the Philox key and counter word the mask was drawn with (with p == 0
+                  nothing is drawn: they are recorded as given, possibly None)
     """
 
     q: Array
