@@ -66,4 +66,14 @@ __device__ __forceinline__ bool dropout_keep(const DropoutParams& dp, unsigned b
   return ((word >> (16 * (c & 1))) & 0xffffu) >= dp.threshold;
 }
 
+// Zero the dropped elements of one n8 accumulator tile; word_lo covers row lane/4,
+// word_hi row lane/4 + 8, each as (column 2(lane%4), column 2(lane%4)+1) halves.
+__device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsigned word_hi, unsigned threshold) {
+  const unsigned k0 = dropout_pair_keep(word_lo, threshold), k1 = dropout_pair_keep(word_hi, threshold);
+  f[0] = (k0 & 1u) ? f[0] : 0.f;
+  f[1] = (k0 & 2u) ? f[1] : 0.f;
+  f[2] = (k1 & 1u) ? f[2] : 0.f;
+  f[3] = (k1 & 2u) ? f[3] : 0.f;
+}
+
 }  // namespace cuflash

@@ -1,0 +1,137 @@
+"""Raw launches of the attention kernels: grids, shared memory, scratch buffers. No checks
+here (cuflash.api validates before calling); everything runs on CuPy's current stream."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._compile import get_function
+from ._config import bwd_tiles, bwd_variant, fwd_tiles, fwd_variant, padded_head_dim
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _empty(shape, dtype):
+    """Every buffer a kernel must fully write comes from here (tests replace it with a
+    NaN-poisoning allocator, so an element a kernel forgets fails the comparison)."""
+    import cupy
+
+    return cupy.empty(shape, dtype=dtype)
+
+
+def _strides(a) -> tuple[np.int64, np.int64, np.int64]:
+    """(batch, seq, head) strides in elements of a (B, S, H, D) array."""
+    it = a.itemsize
+    return np.int64(a.strides[0] // it), np.int64(a.strides[1] // it), np.int64(a.strides[2] // it)
+
+
+def _dtype_name(a) -> str:
+    return "bfloat16" if a.dtype.name == "bfloat16" else "float16"
+
+
+def _rng_args(seed: int, offset: int, threshold: int):
+    return (np.uint64(seed), np.uint32(offset), np.uint32(threshold), np.float32(65536.0 / (65536 - threshold)))
+
+
+def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, offset: int, threshold: int):
+    """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32."""
+    import cupy
+
+    B, Sq, H, D, Sk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k
+    d_pad = padded_head_dim(D)
+    tiles = fwd_tiles(d_pad)
+    variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0)
+    smem = tiles.smem_bytes(d_pad, "fwd")
+    fn = get_function(variant, "attn_fwd_kernel", dynamic_smem=smem)
+    out = _empty((B, Sq, H, D), q.dtype)
+    lse = _empty((B, H, Sq), cupy.float32)
+    grid = (-(-Sq // tiles.block_m), B * H, 1)
+    fn(grid, (32 * tiles.warps,), (
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        np.int32(H), np.int32(H // prob.nheads_k), np.int64(Sq), np.int64(Sk), np.int32(D),
+        np.float32(softmax_scale * _LOG2E), *_rng_args(seed, offset, threshold),
+    ), shared_mem=smem)
+    return out, lse
+
+
+def backward(dout, ctx):
+    """(dq, dk, dv) in the inputs' dtypes; see cuflash.attention_backward."""
+    import cupy
+
+    from ._validate import check_qkv
+
+    q, k, v = ctx.q, ctx.k, ctx.v
+    prob = check_qkv(q, k, v)
+    B, Sq, H, D, Sk, Hk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k, prob.nheads_k
+    group = H // Hk
+    d_pad = padded_head_dim(D)
+    tiles = bwd_tiles(d_pad)
+    variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0)
+    rng = _rng_args(ctx.seed or 0, ctx.offset or 0, ctx.threshold)
+
+    # delta = rowsum(dO * O), fp32 (B, H, Sq)
+    delta = _empty((B, H, Sq), cupy.float32)
+    rows = B * H * Sq
+    get_function(variant, "attn_bwd_delta_kernel")(
+        (-(-rows * 32 // 256),), (256,),
+        (dout, ctx.out, delta, *_strides(dout), *_strides(ctx.out), np.int32(H), np.int64(Sq), np.int32(D),
+         np.int64(rows)))
+
+    dq_accum = cupy.zeros((B, H, Sq, d_pad), dtype=cupy.float32)
+    dk = _empty((B, Sk, Hk, D), k.dtype)
+    dv = _empty((B, Sk, Hk, D), v.dtype)
+    if group > 1:
+        dk_part = _empty((B, Sk, H, D), cupy.float32)
+        dv_part = _empty((B, Sk, H, D), cupy.float32)
+    else:
+        dk_part = dv_part = None
+    n_mblocks = -(-Sq // tiles.block_m)
+    turn = cupy.zeros((B * H, n_mblocks), dtype=cupy.int32) if ctx.deterministic else None
+    null = np.uintp(0)
+    smem = tiles.smem_bytes(d_pad, "bwd")
+    fn = get_function(variant, "attn_bwd_kernel", dynamic_smem=smem)
+    fn((-(-Sk // tiles.block_n), B * H, 1), (32 * tiles.warps,), (
+        q, k, v, dout, ctx.lse, delta, dq_accum, dk, dv,
+        dk_part if dk_part is not None else null, dv_part if dv_part is not None else null,
+        turn if turn is not None else null,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+        np.int32(H), np.int32(group), np.int64(Sq), np.int64(Sk), np.int32(D),
+        np.float32(ctx.softmax_scale * _LOG2E), np.float32(ctx.softmax_scale), *rng,
+    ), shared_mem=smem)
+
+    dq = _empty((B, Sq, H, D), q.dtype)
+    total = B * H * Sq * (D // 2)
+    get_function(variant, "attn_bwd_dq_kernel")(
+        (-(-total // 256),), (256,),
+        (dq_accum, dq, *_strides(dq), np.int32(H), np.int64(Sq), np.int32(D), np.float32(ctx.softmax_scale),
+         np.int64(total)))
+    if group > 1:
+        total = B * Sk * Hk * D
+        get_function(variant, "attn_bwd_dkv_reduce_kernel")(
+            (-(-total // 256),), (256,),
+            (dk_part, dv_part, dk, dv, *_strides(dk), np.int32(H), np.int32(group), np.int64(Sk), np.int32(D),
+             np.int64(total)))
+    return dq, dk, dv
+
+
+def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, True), dropout=(False, True),
+           backward: bool = True) -> int:
+    """Compile (or load from the disk cache) the chosen variants on the current device.
+
+    head_dims are real head dims (padded as the kernels do). Returns the number of
+    variants made ready. Logs one line per first compile through logging ("cuflash").
+    """
+    n = 0
+    for dt in dtypes:
+        for d in head_dims:
+            for c in causal:
+                for p in dropout:
+                    dp = padded_head_dim(d)
+                    get_function(fwd_variant(dt, dp, c, p), "attn_fwd_kernel")
+                    n += 1
+                    if backward:
+                        get_function(bwd_variant(dt, dp, c, p), "attn_bwd_kernel")
+                        n += 1
+    return n

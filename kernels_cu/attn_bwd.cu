@@ -1,0 +1,290 @@
+// Fused attention backward (FlashAttention-2 schedule, sm_80 mma.sync path).
+//
+//   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
+//   dq_accum: (B, H, Sq, kHeadDim) fp32, zeroed; dk, dv: (B, Sk, Hk, D) in the input dtype,
+//   or, under GQA (group > 1), dk_part/dv_part: (B, Sk, H, D) fp32, reduced afterwards.
+//
+// One CTA owns kBlockN keys of one (b, h) and walks the query blocks that see them.
+// Per query block: S = Q K^T, P = exp(S*scale - lse), dP = dO V^T, the forward's dropout
+// mask regenerated from (seed, offset) in the same fragment layout, then
+//   dV += (P∘keep·s)^T dO,  dS = P∘(dP∘keep·s − delta),  dK += dS^T Q,  dQ += dS K.
+// Warps: warp = rs + 4*dh. rs picks 16 query rows (for S, dP, dQ) or 16 key rows (for
+// dK, dV); dh picks a slice of the keys (S, dP) or of the head dim (dK, dV, dQ), so
+// head dim 256 splits its accumulators over two warps.
+#include "attn_config.cuh"
+#include "copy_sm80.cuh"
+#include "dropout.cuh"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+
+using namespace cuflash;
+
+constexpr int kWD = kWarps / 4;                  // warps sharing one 16-row slice
+constexpr int kLd = kHeadDim + kSmemPad;         // row stride of Q, dO, K, V tiles
+constexpr int kLdP = kBlockN + kSmemPad;         // row stride of the P and dS tiles
+constexpr int kSN = kBlockN / kWD;               // keys per warp in S and dP
+constexpr int kDN = kHeadDim / kWD;              // head-dim columns per warp in dK, dV, dQ
+constexpr int kDQChunk = kDN < 32 ? kDN : 32;    // dQ columns per pass (bounds live registers)
+static_assert(kWarps % 4 == 0 && kBlockM == 64 && kBlockN == 16 * 4, "4 row slices of 16");
+static_assert(kSN % 16 == 0 && kDN % 16 == 0 && kDN % kDQChunk == 0, "whole 16-wide mma/dropout blocks");
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+                const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
+                float* __restrict__ dk_part, float* __restrict__ dv_part,
+                int* __restrict__ dq_turn,  // (B*H, m blocks) turnstile; null = fp32 atomics
+                STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(do), STRIDE_ARGS(dkv),
+                int nheads, int group, long long seqlen_q, long long seqlen_k, int head_dim,
+                float scale_log2, float softmax_scale,
+                unsigned long long seed, unsigned offset, unsigned threshold, float drop_scale) {
+  STRIDES(q);
+  STRIDES(k);
+  STRIDES(v);
+  STRIDES(do);
+  STRIDES(dkv);
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
+  elem_t* sV = sK + kBlockN * kLd;
+  elem_t* sQ = sV + kBlockN * kLd;
+  elem_t* sdO = sQ + kBlockM * kLd;
+  elem_t* sP = sdO + kBlockM * kLd;  // P∘keep·s, [query][key]
+  elem_t* sdS = sP + kBlockM * kLdP;  // dS, [query][key]
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kLdP);  // lse * log2 e (+inf: empty row)
+  float* sDelta = sLse + kBlockM;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rs = warp & 3, dh = warp >> 2;
+  const long long n0 = static_cast<long long>(blockIdx.x) * kBlockN;
+  const int bh = blockIdx.y, b = bh / nheads, h = bh % nheads, hk = h / group;
+  const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+  const int n_mblocks = static_cast<int>((seqlen_q + kBlockM - 1) / kBlockM);
+
+  load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kLd, k + b * k_st.b + hk * k_st.h + n0 * k_st.s, k_st.s,
+                                               rows_kv, head_dim);
+  load_tile_async<kBlockN, kHeadDim, kThreads>(sV, kLd, v + b * v_st.b + hk * v_st.h + n0 * v_st.s, v_st.s,
+                                               rows_kv, head_dim);
+  cp_async_commit();
+
+  float acc_dk[kDN / 8][4], acc_dv[kDN / 8][4];
+#pragma unroll
+  for (int t = 0; t < kDN / 8; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[t][e] = acc_dv[t][e] = 0.f;
+
+  DropoutParams dp{seed, offset, threshold, drop_scale};
+  const long long first_q = first_query_seeing<kCausal>(n0, seqlen_q, seqlen_k);
+  const int m_begin = static_cast<int>(first_q / kBlockM);
+
+  for (int mb = m_begin; mb < n_mblocks; ++mb) {
+    const long long m0 = static_cast<long long>(mb) * kBlockM;
+    const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, kLd, q + b * q_st.b + h * q_st.h + m0 * q_st.s, q_st.s,
+                                                 rows_q, head_dim);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, kLd, dout + b * do_st.b + h * do_st.h + m0 * do_st.s,
+                                                 do_st.s, rows_q, head_dim);
+    cp_async_commit();
+    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+      const long long i = m0 + r;
+      const float l = i < seqlen_q ? lse[static_cast<long long>(bh) * seqlen_q + i] : CUFLASH_INF;
+      // An empty row (lse = -inf) or a tail row gets +inf, so P = exp2(-inf or x - inf) = 0.
+      sLse[r] = l == -CUFLASH_INF ? CUFLASH_INF : l * kLog2e;
+      sDelta[r] = i < seqlen_q ? delta[static_cast<long long>(bh) * seqlen_q + i] : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // Q, dO, lse, delta (and K, V on the first pass) visible to all warps
+
+    // S and dP for rows rs*16.. (queries) x keys dh*kSN..
+    float s[kSN / 8][4], dpv[kSN / 8][4];
+#pragma unroll
+    for (int t = 0; t < kSN / 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = dpv[t][e] = 0.f;
+    warp_gemm_ss<elem_t, kSN / 8, kHeadDim / 16, false, false>(s, sQ + rs * 16 * kLd, kLd, sK + dh * kSN * kLd, kLd);
+    warp_gemm_ss<elem_t, kSN / 8, kHeadDim / 16, false, false>(dpv, sdO + rs * 16 * kLd, kLd, sV + dh * kSN * kLd,
+                                                               kLd);
+
+    const int r_lo = rs * 16 + (lane >> 2);
+    const long long j_base = n0 + dh * kSN;
+#pragma unroll
+    for (int t = 0; t < kSN / 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = r_lo + 8 * (e >> 1);
+        const long long j = j_base + 8 * t + 2 * (lane & 3) + (e & 1);
+        const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_q, seqlen_k);
+        s[t][e] = vis ? exp2f(s[t][e] * scale_log2 - sLse[r]) : 0.f;  // P
+      }
+    float pd[kSN / 8][4];  // P∘keep·s (what the forward multiplied V by), and dP∘keep·s
+#pragma unroll
+    for (int t = 0; t < kSN / 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pd[t][e] = s[t][e] * drop_scale;
+        dpv[t][e] *= drop_scale;
+      }
+    if constexpr (kDropout) {
+      const unsigned R = static_cast<unsigned>((m0 + rs * 16) >> 4);
+#pragma unroll
+      for (int c16 = 0; c16 < kSN / 16; ++c16) {
+        const uint4 w = dropout_block_words(dp, b, h, R, static_cast<unsigned>((j_base >> 4) + c16), lane);
+        apply_keep(pd[2 * c16], w.x, w.y, threshold);
+        apply_keep(pd[2 * c16 + 1], w.z, w.w, threshold);
+        apply_keep(dpv[2 * c16], w.x, w.y, threshold);
+        apply_keep(dpv[2 * c16 + 1], w.z, w.w, threshold);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kSN / 8; ++t)
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const int r = r_lo + 8 * rh;
+        const int c = dh * kSN + 8 * t + 2 * (lane & 3);
+        const float dl = sDelta[r];
+        *reinterpret_cast<unsigned*>(sP + r * kLdP + c) = pack2<elem_t>(pd[t][2 * rh], pd[t][2 * rh + 1]);
+        *reinterpret_cast<unsigned*>(sdS + r * kLdP + c) =
+            pack2<elem_t>(s[t][2 * rh] * (dpv[t][2 * rh] - dl), s[t][2 * rh + 1] * (dpv[t][2 * rh + 1] - dl));
+      }
+    __syncthreads();  // P and dS tiles complete before any warp reads them transposed
+
+    // dV += Pd^T dO and dK += dS^T Q for key rows rs*16.., head-dim columns dh*kDN..
+    warp_gemm_ss<elem_t, kDN / 8, kBlockM / 16, true, true>(acc_dv, sP + rs * 16, kLdP, sdO + dh * kDN, kLd);
+    warp_gemm_ss<elem_t, kDN / 8, kBlockM / 16, true, true>(acc_dk, sdS + rs * 16, kLdP, sQ + dh * kDN, kLd);
+
+    // dQ += dS K for query rows rs*16.., head-dim columns dh*kDN.., kDQChunk at a time.
+    int* turn = dq_turn ? dq_turn + static_cast<long long>(bh) * n_mblocks + mb : nullptr;
+    if (turn) {
+      // Deterministic mode: key blocks add into this query block in order 0, 1, 2, ...
+      // (block n is the n-th contributor of every query block it touches). Lower key
+      // blocks were scheduled earlier, so the wait always ends.
+      if (threadIdx.x == 0)
+        while (ld_acquire(turn) != static_cast<int>(blockIdx.x)) {
+        }
+      __syncthreads();  // the whole CTA waits for its turn
+    }
+    float* dq_rows = dq_accum + (static_cast<long long>(bh) * seqlen_q + m0) * kHeadDim;
+#pragma unroll
+    for (int c0 = 0; c0 < kDN; c0 += kDQChunk) {
+      float acc_dq[kDQChunk / 8][4];
+#pragma unroll
+      for (int t = 0; t < kDQChunk / 8; ++t) acc_dq[t][0] = acc_dq[t][1] = acc_dq[t][2] = acc_dq[t][3] = 0.f;
+      warp_gemm_ss<elem_t, kDQChunk / 8, kBlockN / 16, false, true>(acc_dq, sdS + rs * 16 * kLdP, kLdP,
+                                                                     sK + dh * kDN + c0, kLd);
+#pragma unroll
+      for (int t = 0; t < kDQChunk / 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = r_lo + 8 * (e >> 1);
+          if (r >= rows_q) continue;  // tail rows of the last query block
+          float* dst = dq_rows + static_cast<long long>(r) * kHeadDim + dh * kDN + c0 + 8 * t + 2 * (lane & 3) + (e & 1);
+          if (turn) {
+            __stcg(dst, __ldcg(dst) + acc_dq[t][e]);  // L2-coherent: the previous block wrote it
+          } else {
+            atomicAdd(dst, acc_dq[t][e]);
+          }
+        }
+    }
+    if (turn) {
+      __threadfence();  // this block's dQ adds are visible device-wide before the next turn
+      __syncthreads();
+      if (threadIdx.x == 0) st_release(turn, static_cast<int>(blockIdx.x) + 1);
+    }
+    __syncthreads();  // every warp is done with Q, dO, P, dS before the next block overwrites them
+  }
+  cp_async_wait<0>();  // K, V copies must land even if no query block touched them
+
+  // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
+#pragma unroll
+  for (int t = 0; t < kDN / 8; ++t)
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int r = rs * 16 + (lane >> 2) + 8 * rh;
+      const int d = dh * kDN + 8 * t + 2 * (lane & 3);
+      if (r >= rows_kv || d >= head_dim) continue;  // key tail, padded head dim
+      const long long j = n0 + r;
+      const float k0 = acc_dk[t][2 * rh] * softmax_scale, k1 = acc_dk[t][2 * rh + 1] * softmax_scale;
+      const float v0 = acc_dv[t][2 * rh], v1 = acc_dv[t][2 * rh + 1];
+      if (dk_part) {  // GQA: one fp32 slice per query head, summed in a fixed order later
+        const long long o = ((static_cast<long long>(b) * seqlen_k + j) * nheads + h) * head_dim + d;
+        *reinterpret_cast<float2*>(dk_part + o) = make_float2(k0, k1);
+        *reinterpret_cast<float2*>(dv_part + o) = make_float2(v0, v1);
+      } else {
+        const long long o = b * dkv_st.b + j * dkv_st.s + hk * dkv_st.h + d;
+        *reinterpret_cast<unsigned*>(dk + o) = pack2<elem_t>(k0, k1);
+        *reinterpret_cast<unsigned*>(dv + o) = pack2<elem_t>(v0, v1);
+      }
+    }
+}
+
+// delta = rowsum(dO ∘ O) in fp32, one warp per (b, h, row): (B, H, Sq).
+extern "C" __global__ void attn_bwd_delta_kernel(const elem_t* __restrict__ dout, const elem_t* __restrict__ out,
+                                                 float* __restrict__ delta, STRIDE_ARGS(do), STRIDE_ARGS(o),
+                                                 int nheads, long long seqlen_q, int head_dim, long long rows) {
+  STRIDES(do);
+  STRIDES(o);
+
+  const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // whole warps exit together
+  const long long i = row % seqlen_q;
+  const int bh = static_cast<int>(row / seqlen_q), b = bh / nheads, h = bh % nheads;
+  const elem_t* a = dout + b * do_st.b + h * do_st.h + i * do_st.s;
+  const elem_t* o = out + b * o_st.b + h * o_st.h + i * o_st.s;
+  float acc = 0.f;
+  for (int d = lane; d < head_dim; d += 32) acc += to_float(a[d]) * to_float(o[d]);
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+  if (lane == 0) delta[row] = acc;
+}
+
+// dq = softmax_scale * dq_accum, cast to the input dtype: (B, H, Sq, kHeadDim) fp32 -> (B, Sq, H, D).
+extern "C" __global__ void attn_bwd_dq_kernel(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
+                                              STRIDE_ARGS(dq), int nheads, long long seqlen_q, int head_dim,
+                                              float softmax_scale, long long total) {
+  STRIDES(dq);
+
+  const long long e = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // one pair of columns
+  if (e >= total) return;
+  const int pairs = head_dim / 2;
+  const int d = static_cast<int>(e % pairs) * 2;
+  const long long row = e / pairs, i = row % seqlen_q;
+  const int bh = static_cast<int>(row / seqlen_q), b = bh / nheads, h = bh % nheads;
+  const float* src = dq_accum + row * kHeadDim + d;
+  *reinterpret_cast<unsigned*>(dq + b * dq_st.b + i * dq_st.s + h * dq_st.h + d) =
+      pack2<elem_t>(src[0] * softmax_scale, src[1] * softmax_scale);
+}
+
+// GQA: dk[b, j, hk] = sum over the group's query heads of dk_part[b, j, h], in head order.
+extern "C" __global__ void attn_bwd_dkv_reduce_kernel(const float* __restrict__ dk_part,
+                                                      const float* __restrict__ dv_part, elem_t* __restrict__ dk,
+                                                      elem_t* __restrict__ dv, STRIDE_ARGS(dkv), int nheads,
+                                                      int group, long long seqlen_k, int head_dim, long long total) {
+  STRIDES(dkv);
+
+  const long long e = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // over (B, Sk, Hk, D)
+  if (e >= total) return;
+  const int nheads_k = nheads / group;
+  const int d = static_cast<int>(e % head_dim);
+  const int hk = static_cast<int>((e / head_dim) % nheads_k);
+  const long long bj = e / (static_cast<long long>(head_dim) * nheads_k);  // b * Sk + j
+  float sk = 0.f, sv = 0.f;
+  for (int g = 0; g < group; ++g) {  // fixed order: bitwise reproducible
+    const long long o = (bj * nheads + hk * group + g) * head_dim + d;
+    sk += dk_part[o];
+    sv += dv_part[o];
+  }
+  const long long b = bj / seqlen_k, j = bj % seqlen_k;
+  const long long o = b * dkv_st.b + j * dkv_st.s + hk * dkv_st.h + d;
+  dk[o] = static_cast<elem_t>(sk);
+  dv[o] = static_cast<elem_t>(sv);
+}

@@ -1,0 +1,71 @@
+// Online softmax over the accumulator fragment (FlashAttention-2, Alg. 1): per row the
+// running max m_i (in exp2 units: scores * softmax_scale * log2 e) and this thread's
+// partial row sum l_i; the 4 lanes of a quad share a row, so row reductions are two
+// xor-shuffles.
+#pragma once
+
+namespace cuflash {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int NT>
+struct OnlineSoftmax {
+  float m[2] = {-CUFLASH_INF, -CUFLASH_INF};  // row max so far, rows lane/4 and lane/4 + 8
+  float l[2] = {0.f, 0.f};              // this thread's part of the row sum
+
+  // s: raw scores of one key block (masked ones -inf). On return s holds
+  // p = exp2(s * scale_log2 - m_new) and acc has been rescaled by exp2(m_old - m_new).
+  template <int DT>
+  __device__ __forceinline__ void update(float (&s)[NT][4], float scale_log2, float (&acc)[DT][4]) {
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      float mx = -CUFLASH_INF;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        s[t][2 * rh] *= scale_log2;  // scale first: a negative softmax_scale flips the max
+        s[t][2 * rh + 1] *= scale_log2;
+        mx = fmaxf(mx, fmaxf(s[t][2 * rh], s[t][2 * rh + 1]));
+      }
+      const float m_new = fmaxf(m[rh], quad_max(mx));
+      // A row that has seen no visible key yet has m_new = -inf: subtract 0 instead, so
+      // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+      const float m_use = m_new == -CUFLASH_INF ? 0.f : m_new;
+      const float corr = exp2f(m[rh] - m_use);  // m_old = -inf gives 0: nothing to rescale
+      m[rh] = m_new;
+      l[rh] *= corr;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        acc[d][2 * rh] *= corr;
+        acc[d][2 * rh + 1] *= corr;
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        s[t][2 * rh] = exp2f(s[t][2 * rh] - m_use);
+        s[t][2 * rh + 1] = exp2f(s[t][2 * rh + 1] - m_use);
+        l[rh] += s[t][2 * rh] + s[t][2 * rh + 1];
+      }
+    }
+  }
+
+  // Per row half: the factor for acc (out_scale / l_i) and lse in natural log.
+  // A row that saw no key (l_i = 0) gets factor 0 (output 0) and lse = -inf.
+  __device__ __forceinline__ void finalize(float out_scale, float (&row_mul)[2], float (&row_lse)[2]) const {
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const float L = quad_sum(l[rh]);
+      const bool empty = L == 0.f;
+      row_mul[rh] = empty ? 0.f : out_scale / L;
+      row_lse[rh] = empty ? -CUFLASH_INF : (m[rh] + log2f(L)) * 0.6931471805599453f;
+    }
+  }
+};
+
+}  // namespace cuflash

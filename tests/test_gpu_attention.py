@@ -1,0 +1,159 @@
+"""GPU attention vs the float64 reference with the same dropout mask (FlashAttention-2's
+rule: error vs fp64 at most 2x (3x for gradients) the error of a naive same-dtype
+implementation), plus mask identity, determinism and edge cases. Outputs are poisoned."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import _attn_gpu
+from cuflash.reference import (attention_backward_ref, attention_forward_ref, naive_attention_backward,
+                               naive_attention_forward)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    import cupy
+
+    def poisoned(shape, dtype):
+        a = cupy.empty(shape, dtype=dtype)
+        a.view(cupy.uint8).fill(0xFF)  # NaN in every float format
+        return a
+
+    monkeypatch.setattr(_attn_gpu, "_empty", poisoned)
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float16)
+
+
+def _maxerr(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+SEQS = [(1, 1), (17, 97), (97, 17), (128, 128), (200, 1025), (1025, 200), (2048, 2048), (113, 203)]
+HEADS = [(2, 2), (4, 2), (4, 1)]
+CASES = [
+    (dt, d, causal, p, SEQS[i % len(SEQS)], HEADS[i % len(HEADS)])
+    for i, (dt, d, causal, p) in enumerate(
+        itertools.product(("float16", "bfloat16"), (32, 64, 80, 96, 128, 256), (False, True), (0.0, 0.17)))
+]
+
+
+def run_case(cp, dt, d, causal, p, seqs, heads, rng):
+    Sq, Sk = seqs
+    H, Hk = heads
+    B = 1 if Sq * Sk > 1 << 20 else 2
+    dtype = _dtype(dt)
+    q = cp.asarray(rng.standard_normal((B, Sq, H, d)).astype(dtype))
+    k = cp.asarray(rng.standard_normal((B, Sk, Hk, d)).astype(dtype))
+    v = cp.asarray(rng.standard_normal((B, Sk, Hk, d)).astype(dtype))
+    dout = cp.asarray(rng.standard_normal((B, Sq, H, d)).astype(dtype))
+    seed = int(rng.integers(0, 2**63))
+    out, ctx = cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=seed, offset=3)
+    dq, dk, dv = cuflash.attention_backward(dout, ctx)
+    keep = None
+    if p > 0:
+        keep_gpu = cuflash.dropout_mask(B, H, Sq, Sk, dropout_p=p, seed=seed, offset=3, xp=cp)
+        keep = cuflash.dropout_mask(B, H, Sq, Sk, dropout_p=p, seed=seed, offset=3, xp=np)
+        assert bool((keep_gpu.get() == keep).all())
+    ks = 1.0 / ctx.keep_prob
+    qh, kh, vh, doh = (a.get() for a in (q, k, v, dout))
+    o_ref, lse_ref = attention_forward_ref(qh, kh, vh, causal=causal, keep=keep, keep_scale=ks)
+    g_ref = attention_backward_ref(doh, qh, kh, vh, o_ref, lse_ref, causal=causal, keep=keep, keep_scale=ks)
+    keep_c = None if keep is None else cp.asarray(keep)
+    o_nv, _ = naive_attention_forward(q, k, v, causal=causal, keep=keep_c, keep_scale=ks)
+    g_nv = naive_attention_backward(dout, q, k, v, o_nv, causal=causal, keep=keep_c, keep_scale=ks)
+    res = {}
+    for name, got, ref, nv, mult in [("out", out, o_ref, o_nv, 2), ("dq", dq, g_ref[0], g_nv[0], 3),
+                                     ("dk", dk, g_ref[1], g_nv[1], 3), ("dv", dv, g_ref[2], g_nv[2], 3)]:
+        e, en = _maxerr(got.get(), ref), _maxerr(nv.get(), ref)
+        res[name] = (e, en)
+        assert np.isfinite(e), f"{name}: non-finite (unwritten or NaN)"
+        assert e <= mult * en + 1e-4, f"{name}: err {e:.3e} > {mult} x naive {en:.3e}"
+    lse_g = ctx.lse.get()
+    fin = np.isfinite(lse_ref)
+    assert np.array_equal(np.isfinite(lse_g), fin)
+    assert _maxerr(lse_g[fin], lse_ref[fin]) < 1e-3
+    return res
+
+
+@pytest.mark.parametrize("dt,d,causal,p,seqs,heads", CASES)
+def test_attention_matches_reference(cp, dt, d, causal, p, seqs, heads):
+    rng = np.random.default_rng(hash((dt, d, causal, p, seqs, heads)) % 2**32)
+    res = run_case(cp, dt, d, causal, p, seqs, heads, rng)
+    print({k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})
+
+
+def test_non_contiguous_packed_qkv(cp):
+    rng = np.random.default_rng(5)
+    qkv = cp.asarray(rng.standard_normal((2, 130, 3, 4, 64)).astype(np.float16))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    a, ctx = cuflash.attention_forward(q, k, v, dropout_p=0.1, causal=True, seed=1, offset=0)
+    b, ctx2 = cuflash.attention_forward(*(cp.ascontiguousarray(x) for x in (q, k, v)), dropout_p=0.1,
+                                        causal=True, seed=1, offset=0)
+    assert bool((a == b).all())
+    dout = cp.asarray(rng.standard_normal(a.shape).astype(np.float16))
+    for g1, g2 in zip(cuflash.attention_backward(dout, ctx), cuflash.attention_backward(dout, ctx2)):
+        assert bool((g1 == g2).all())
+
+
+def test_fully_masked_rows_are_zero(cp):
+    rng = np.random.default_rng(6)
+    q = cp.asarray(rng.standard_normal((1, 300, 2, 64)).astype(np.float16))
+    k = cp.asarray(rng.standard_normal((1, 100, 2, 64)).astype(np.float16))
+    out, ctx = cuflash.attention_forward(q, k, k, causal=True, dropout_p=0.2, seed=3)
+    o = out.get().astype(np.float32)
+    assert np.isfinite(o).all() and (o[:, :199] == 0).all() and (o[:, 200:] != 0).any()
+    assert np.isneginf(ctx.lse.get()[:, :, :199]).all()
+    grads = cuflash.attention_backward(cp.ones_like(out), ctx)
+    assert all(bool(cp.isfinite(g.astype(cp.float32)).all()) for g in grads)
+
+
+def test_nan_propagates(cp):
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 64, 1, 64)).astype(np.float16)
+    q[0, 5, 0, 3] = np.nan
+    out = cuflash.attention(cp.asarray(q), cp.asarray(q), cp.asarray(q)).get()
+    assert np.isnan(out[0, 5]).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bitwise_repeatable(cp, deterministic):
+    rng = np.random.default_rng(9)
+    q, k, v, dout = (cp.asarray(rng.standard_normal((2, 1000, 4, 64)).astype(np.float16)) for _ in range(4))
+    first = None
+    for _ in range(100 if deterministic else 20):
+        out, ctx = cuflash.attention_forward(q, k, v, dropout_p=0.1, causal=True, seed=11, offset=2,
+                                             deterministic=deterministic)
+        dq, dk, dv = cuflash.attention_backward(dout, ctx)
+        cur = [a.get() for a in (out, ctx.lse, dk, dv) + ((dq,) if deterministic else ())]
+        if first is None:
+            first = cur
+        else:
+            for a, b in zip(first, cur):
+                assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_dropout_unbiased(cp):
+    rng = np.random.default_rng(10)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 256, 2, 64)).astype(np.float16)) for _ in range(3))
+    ref = cuflash.attention(q, k, v).astype(cp.float32)
+    acc = cp.zeros_like(ref)
+    n = 400
+    for s in range(n):
+        acc += cuflash.attention(q, k, v, dropout_p=0.3, seed=s, offset=0).astype(cp.float32)
+    err = float(cp.abs(acc / n - ref).mean() / cp.abs(ref).mean())
+    assert err < 0.05, err
