@@ -9,7 +9,7 @@ extern "C" __global__ void dropout_mask_kernel(unsigned char* __restrict__ out, 
                                                unsigned long long seed, unsigned offset,
                                                unsigned threshold) {
   using namespace cuflash;
-  const long long nC = (Sk + 15) / 16;
+  const long long nC = (static_cast<long long>(Sk) + 15) / 16;  // Sk near 2^31 must not overflow int
   const long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // (C, lane)
   if (t >= nC * 32) return;  // tail of the last thread block
   const unsigned lane = static_cast<unsigned>(t & 31);

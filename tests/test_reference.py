@@ -379,16 +379,7 @@ def test_naive_float32_dtype():
     assert all(x.dtype == np.float32 for x in grads)
 
 
-def _cupy_usable() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _cupy_usable(), reason="needs a CUDA device for cupy")
+@pytest.mark.gpu
 def test_naive_cupy_matches_numpy():
     import cupy
 
