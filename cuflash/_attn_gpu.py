@@ -9,6 +9,7 @@ import numpy as np
 
 from ._compile import get_function
 from ._config import bwd_tiles, bwd_variant, fwd_tiles, fwd_variant, padded_head_dim
+from .mask import keep_probability
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -31,12 +32,24 @@ def _dtype_name(a) -> str:
     return "bfloat16" if a.dtype.name == "bfloat16" else "float16"
 
 
-def _rng_args(seed: int, offset: int, threshold: int):
-    return (np.uint64(seed), np.uint32(offset), np.uint32(threshold), np.float32(65536.0 / (65536 - threshold)))
+def _tail_args(*, q_start: int, k_start: int, causal_diag: int, seed: int, offset: int, rng_state, threshold: int):
+    """The SHARD_ARGS and RNG_ARGS every attention kernel ends with (attn_config.cuh).
+
+    q_start, k_start: global row / column of local (0, 0), multiples of 16 (dropout
+    coordinates); causal_diag: local row i sees local key j iff j <= i + causal_diag;
+    rng_state: None, or a device uint64 array (seed, offset) the kernel reads instead
+    of the seed and offset values.
+    """
+    return (
+        np.int64(q_start), np.int64(k_start), np.int64(causal_diag),
+        np.uint64(seed), np.uint32(offset), rng_state if rng_state is not None else np.uintp(0),
+        np.uint32(threshold), np.float32(1.0 / keep_probability(threshold)),
+    )
 
 
-def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, offset: int, threshold: int):
-    """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32."""
+def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, offset: int, threshold: int,
+            rng_state=None, q_start: int = 0, k_start: int = 0, causal_diag: int | None = None):
+    """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32. causal_diag None: Sk - Sq."""
     import cupy
 
     B, Sq, H, D, Sk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k
@@ -51,7 +64,9 @@ def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, off
     fn(grid, (32 * tiles.warps,), (
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         np.int32(H), np.int32(H // prob.nheads_k), np.int64(Sq), np.int64(Sk), np.int32(D),
-        np.float32(softmax_scale * _LOG2E), *_rng_args(seed, offset, threshold),
+        np.float32(softmax_scale * _LOG2E),
+        *_tail_args(q_start=q_start, k_start=k_start, causal_diag=Sk - Sq if causal_diag is None else causal_diag,
+                    seed=seed, offset=offset, rng_state=rng_state, threshold=threshold),
     ), shared_mem=smem)
     return out, lse
 
@@ -60,16 +75,15 @@ def backward(dout, ctx):
     """(dq, dk, dv) in the inputs' dtypes; see cuflash.attention_backward."""
     import cupy
 
-    from ._validate import check_qkv
-
     q, k, v = ctx.q, ctx.k, ctx.v
-    prob = check_qkv(q, k, v)
-    B, Sq, H, D, Sk, Hk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k, prob.nheads_k
+    (B, Sq, H, D), (Sk, Hk) = q.shape, k.shape[1:3]  # validated by the forward
     group = H // Hk
     d_pad = padded_head_dim(D)
     tiles = bwd_tiles(d_pad)
     variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0)
-    rng = _rng_args(ctx.seed or 0, ctx.offset or 0, ctx.threshold)
+    tail = _tail_args(q_start=ctx.q_start, k_start=ctx.k_start,
+                      causal_diag=Sk - Sq if ctx.causal_diag is None else ctx.causal_diag,
+                      seed=ctx.seed or 0, offset=ctx.offset or 0, rng_state=ctx.rng_state, threshold=ctx.threshold)
 
     # delta = rowsum(dO * O), fp32 (B, H, Sq)
     delta = _empty((B, H, Sq), cupy.float32)
@@ -98,7 +112,7 @@ def backward(dout, ctx):
         turn if turn is not None else null,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         np.int32(H), np.int32(group), np.int64(Sq), np.int64(Sk), np.int32(D),
-        np.float32(ctx.softmax_scale * _LOG2E), np.float32(ctx.softmax_scale), *rng,
+        np.float32(ctx.softmax_scale * _LOG2E), np.float32(ctx.softmax_scale), *tail,
     ), shared_mem=smem)
 
     dq = _empty((B, Sq, H, D), q.dtype)

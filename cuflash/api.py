@@ -48,6 +48,13 @@ class AttentionContext:
     threshold: int
     seed: int | None
     offset: int | None
+    # Where this call sits in a larger problem (context parallelism) and where its
+    # Philox (seed, offset) came from; the defaults describe a whole problem drawn
+    # with the seed and offset above.
+    q_start: int = 0
+    k_start: int = 0
+    causal_diag: int | None = None  # local row i sees local key j iff j <= i + causal_diag; None: Sk - Sq
+    rng_state: Any = None  # device uint64 (seed, offset) the kernels read instead of seed/offset
 
     @property
     def dropout_p_effective(self) -> float:

@@ -45,8 +45,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
                 int* __restrict__ dq_turn,  // (B*H, m blocks) turnstile; null = fp32 atomics
                 STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(do), STRIDE_ARGS(dkv),
                 int nheads, int group, long long seqlen_q, long long seqlen_k, int head_dim,
-                float scale_log2, float softmax_scale,
-                unsigned long long seed, unsigned offset, unsigned threshold, float drop_scale) {
+                float scale_log2, float softmax_scale, SHARD_ARGS, RNG_ARGS) {
   STRIDES(q);
   STRIDES(k);
   STRIDES(v);
@@ -82,8 +81,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[t][e] = acc_dv[t][e] = 0.f;
 
-  DropoutParams dp{seed, offset, threshold, drop_scale};
-  const long long first_q = first_query_seeing<kCausal>(n0, seqlen_q, seqlen_k);
+  const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
+  const long long first_q = first_query_seeing<kCausal>(n0, causal_diag);
   const int m_begin = static_cast<int>(first_q / kBlockM);
 
   for (int mb = m_begin; mb < n_mblocks; ++mb) {
@@ -122,7 +121,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       for (int e = 0; e < 4; ++e) {
         const int r = r_lo + 8 * (e >> 1);
         const long long j = j_base + 8 * t + 2 * (lane & 3) + (e & 1);
-        const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_q, seqlen_k);
+        const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_k, causal_diag);
         s[t][e] = vis ? exp2f(s[t][e] * scale_log2 - sLse[r]) : 0.f;  // P
       }
     float pd[kSN / 8][4];  // P∘keep·s (what the forward multiplied V by), and dP∘keep·s
@@ -134,10 +133,10 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
         dpv[t][e] *= drop_scale;
       }
     if constexpr (kDropout) {
-      const unsigned R = static_cast<unsigned>((m0 + rs * 16) >> 4);
+      const unsigned R = static_cast<unsigned>((q_start + m0 + rs * 16) >> 4);  // global 16-row block
 #pragma unroll
       for (int c16 = 0; c16 < kSN / 16; ++c16) {
-        const uint4 w = dropout_block_words(dp, b, h, R, static_cast<unsigned>((j_base >> 4) + c16), lane);
+        const uint4 w = dropout_block_words(dp, b, h, R, static_cast<unsigned>(((k_start + j_base) >> 4) + c16), lane);
         apply_keep(pd[2 * c16], w.x, w.y, threshold);
         apply_keep(pd[2 * c16 + 1], w.z, w.w, threshold);
         apply_keep(dpv[2 * c16], w.x, w.y, threshold);

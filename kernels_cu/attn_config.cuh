@@ -49,6 +49,9 @@ struct Strides {
 #define STRIDE_ARGS(t) long long t##_sb, long long t##_ss, long long t##_sh
 #define STRIDES(t) const cuflash::Strides t##_st{t##_sb, t##_ss, t##_sh}
 
-namespace cuflash {
-
-}  // namespace cuflash
+// Every attention kernel's trailing arguments: where the launch sits in the global
+// problem (mask.cuh: q_start and k_start are the global row and column of local (0, 0),
+// multiples of 16; causal_diag the local diagonal) and its dropout stream (dropout.cuh).
+#define SHARD_ARGS long long q_start, long long k_start, long long causal_diag
+#define RNG_ARGS \
+  unsigned long long seed, unsigned offset, const unsigned long long *rng_state, unsigned threshold, float drop_scale

@@ -27,7 +27,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
                 int nheads, int group,  // group = H / Hk: query heads per kv head
                 long long seqlen_q, long long seqlen_k, int head_dim,
                 float scale_log2,  // softmax_scale * log2(e): scores in exp2 units
-                unsigned long long seed, unsigned offset, unsigned threshold, float drop_scale) {
+                SHARD_ARGS, RNG_ARGS) {
   STRIDES(q);
   STRIDES(k);
   STRIDES(v);
@@ -47,7 +47,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const elem_t* v_base = v + b * v_st.b + hk * v_st.h;
   const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
 
-  const long long key_end = visible_key_end<kCausal>(m0 + kBlockM, seqlen_q, seqlen_k);
+  const long long key_end = visible_key_end<kCausal>(m0 + kBlockM, seqlen_k, causal_diag);
   const int n_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
 
   // acc_o: rows (lane/4, lane/4+8) x D of this warp's 16 rows; m_i, l_i per row half.
@@ -64,7 +64,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   }
   cp_async_commit();
 
-  DropoutParams dp{seed, offset, threshold, drop_scale};
+  const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
   const long long row_lo = m0 + warp * 16 + (lane >> 2);  // this thread's first row; second is +8
 
   for (int nb = 0; nb < n_blocks; ++nb) {
@@ -82,23 +82,23 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
     // Masking: only blocks that cross the key end or the causal diagonal need it.
     const bool need_mask = (n0 + kBlockN > seqlen_k) ||
-                           (kCausal && n0 + kBlockN - 1 > m0 + seqlen_k - seqlen_q);
+                           (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
     if (need_mask) {
 #pragma unroll
       for (int t = 0; t < kNT; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const long long i = row_lo + 8 * (e >> 1), j = n0 + 8 * t + 2 * (lane & 3) + (e & 1);
-          if (!score_visible<kCausal>(i, j, seqlen_q, seqlen_k)) s[t][e] = -CUFLASH_INF;
+          if (!score_visible<kCausal>(i, j, seqlen_k, causal_diag)) s[t][e] = -CUFLASH_INF;
         }
     }
     sm.update(s, scale_log2, acc_o);  // s becomes P (un-normalised, undropped); acc_o rescaled
 
     if constexpr (kDropout) {
-      const unsigned R = static_cast<unsigned>((m0 + warp * 16) >> 4);
+      const unsigned R = static_cast<unsigned>((q_start + m0 + warp * 16) >> 4);  // global 16-row block
 #pragma unroll
       for (int c16 = 0; c16 < kNT / 2; ++c16) {
-        const unsigned C = static_cast<unsigned>((n0 >> 4) + c16);
+        const unsigned C = static_cast<unsigned>(((k_start + n0) >> 4) + c16);
         const uint4 w = dropout_block_words(dp, b, h, R, C, lane);
         apply_keep(s[2 * c16], w.x, w.y, threshold);      // n8 tile 0: words 0 (rows 0-7), 1 (rows 8-15)
         apply_keep(s[2 * c16 + 1], w.z, w.w, threshold);  // n8 tile 1: words 2, 3

@@ -38,6 +38,20 @@ struct DropoutParams {
   float scale;              // 65536 / (65536 - threshold) = 1 / keep probability
 };
 
+// The parameters of one launch. The Philox key and counter word come either as values
+// (seed, offset) or, when rng_state is not null, from device memory (rng_state[0] = seed,
+// rng_state[1] = offset): a captured CUDA graph then reads the state current at each
+// replay instead of the value baked in at capture.
+__device__ __forceinline__ DropoutParams make_dropout_params(unsigned long long seed, unsigned offset,
+                                                             const unsigned long long* rng_state,
+                                                             unsigned threshold, float scale) {
+  if (rng_state != nullptr) {
+    seed = rng_state[0];
+    offset = static_cast<unsigned>(rng_state[1]);
+  }
+  return DropoutParams{seed, offset, threshold, scale};
+}
+
 // The four words of 16x16 block (R, C) for `lane` of batch b, head h.
 __device__ __forceinline__ uint4 dropout_block_words(const DropoutParams& dp, unsigned b, unsigned h,
                                                      unsigned R, unsigned C, unsigned lane) {
