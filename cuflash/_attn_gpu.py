@@ -4,11 +4,12 @@ here (cuflash.api validates before calling); everything runs on CuPy's current s
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from ._compile import get_function
-from ._config import bwd_tiles, bwd_variant, fwd_tiles, fwd_variant, padded_head_dim
+from ._config import SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles, fwd_variant, padded_head_dim
 from .mask import keep_probability
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -20,6 +21,23 @@ def _empty(shape, dtype):
     import cupy
 
     return cupy.empty(shape, dtype=dtype)
+
+
+def use_hopper_forward(padded_dim: int) -> bool:
+    """Whether the forward runs the sm_90a wgmma kernel: on compute capability 9.0 for the
+    head dims it is built for, unless CUFLASH_DISABLE_SM90=1 asks for the sm_80 kernel."""
+    import cupy
+
+    if os.environ.get("CUFLASH_DISABLE_SM90", "") == "1" or padded_dim not in SM90_FWD_HEAD_DIMS:
+        return False
+    return cupy.cuda.Device().compute_capability == "90"
+
+
+def _smem_limit() -> int:
+    """Dynamic shared memory one block may opt in to on the current device (bytes)."""
+    import cupy
+
+    return int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
 
 
 def _strides(a) -> tuple[np.int64, np.int64, np.int64]:
@@ -54,9 +72,10 @@ def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, off
 
     B, Sq, H, D, Sk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k
     d_pad = padded_head_dim(D)
-    tiles = fwd_tiles(d_pad)
-    variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0)
-    smem = tiles.smem_bytes(d_pad, "fwd")
+    hopper = use_hopper_forward(d_pad)
+    tiles = fwd_tiles(d_pad, hopper)
+    variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0, hopper)
+    smem = tiles.smem_bytes(d_pad, "fwd_sm90" if hopper else "fwd")
     fn = get_function(variant, "attn_fwd_kernel", dynamic_smem=smem)
     out = _empty((B, Sq, H, D), q.dtype)
     lse = _empty((B, H, Sq), cupy.float32)
@@ -79,8 +98,8 @@ def backward(dout, ctx):
     (B, Sq, H, D), (Sk, Hk) = q.shape, k.shape[1:3]  # validated by the forward
     group = H // Hk
     d_pad = padded_head_dim(D)
-    tiles = bwd_tiles(d_pad)
-    variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0)
+    tiles = bwd_tiles(d_pad, _smem_limit())
+    variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0, tiles)
     tail = _tail_args(q_start=ctx.q_start, k_start=ctx.k_start,
                       causal_diag=Sk - Sq if ctx.causal_diag is None else ctx.causal_diag,
                       seed=ctx.seed or 0, offset=ctx.offset or 0, rng_state=ctx.rng_state, threshold=ctx.threshold)
@@ -143,9 +162,9 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
             for c in causal:
                 for p in dropout:
                     dp = padded_head_dim(d)
-                    get_function(fwd_variant(dt, dp, c, p), "attn_fwd_kernel")
+                    get_function(fwd_variant(dt, dp, c, p, use_hopper_forward(dp)), "attn_fwd_kernel")
                     n += 1
                     if backward:
-                        get_function(bwd_variant(dt, dp, c, p), "attn_bwd_kernel")
+                        get_function(bwd_variant(dt, dp, c, p, bwd_tiles(dp, _smem_limit())), "attn_bwd_kernel")
                         n += 1
     return n

@@ -19,6 +19,7 @@ __all__ = [
     "AttnTiles",
     "padded_head_dim",
     "fwd_tiles",
+    "SM90_FWD_HEAD_DIMS",
     "bwd_tiles",
     "fwd_variant",
     "bwd_variant",
@@ -61,26 +62,48 @@ class AttnTiles:
     block_m: int
     block_n: int
     warps: int
+    stages: int = 1  # backward: shared-memory stages of Q and dO (2: block m+1 loads while m computes)
 
     def smem_bytes(self, head_dim: int, kind: str) -> int:
         """Dynamic shared memory of a forward or backward CTA (mirrors the kernels' carve-up)."""
+        if kind == "fwd_sm90":  # sQ, two stages of sK and sV (128-byte swizzled), 1 KB alignment slack
+            return 2 * head_dim * (self.block_m + 4 * self.block_n) + 1024
         ld = head_dim + 8  # kSmemPad: 16 bytes per row keep ldmatrix rows in distinct banks
         if kind == "fwd":  # sQ, sK, sV
             return 2 * ld * (self.block_m + 2 * self.block_n)
-        # sK, sV, sQ, sdO, then sP and sdS (block_m x (block_n + 8)), then lse and delta
-        return 2 * ld * 2 * (self.block_m + self.block_n) + 2 * 2 * self.block_m * (self.block_n + 8) + 8 * self.block_m
+        # sK, sV, `stages` x (sQ, sdO), then sP and sdS (block_m x (block_n + 8)), then lse and delta
+        return (2 * ld * (2 * self.block_n + 2 * self.stages * self.block_m)
+                + 2 * 2 * self.block_m * (self.block_n + 8) + 8 * self.block_m)
 
 
-def fwd_tiles(head_dim: int) -> AttnTiles:
+# Head dims the Hopper (sm_90a, wgmma) forward is built for; others use the sm_80 kernel.
+SM90_FWD_HEAD_DIMS = (64, 128)
+
+
+def fwd_tiles(head_dim: int, hopper: bool = False) -> AttnTiles:
+    if hopper:
+        # two warpgroups x 64 query rows share each K/V block; 128-key blocks (wgmma n128)
+        # at head dim 64, 64-key blocks at 128 (128 spills 64-88 B with dropout: S and acc_o
+        # are 128 floats per thread)
+        return AttnTiles(block_m=128, block_n=128 if head_dim <= 64 else 64, warps=8)
     # each warp owns 16 query rows; head dims past 128 take 32-key blocks so acc_o
     # (head_dim / 2 floats per thread) and S (block_n / 2) stay in registers
     return AttnTiles(block_m=64, block_n=64 if head_dim <= 128 else 32, warps=4)
 
 
-def bwd_tiles(head_dim: int) -> AttnTiles:
-    # 4 row slices of 16; past head dim 128 two warps share a slice, splitting dK/dV/dQ
-    # columns, so the dK and dV accumulators stay at <= 128 floats per thread
-    return AttnTiles(block_m=64, block_n=64, warps=4 if head_dim <= 128 else 8)
+def bwd_tiles(head_dim: int, smem_limit: int | None = None) -> AttnTiles:
+    """Backward tiles; Q/dO double buffered unless that passes smem_limit (bytes per block)."""
+    tiles = _bwd_tiles(head_dim, stages=2)
+    if smem_limit is not None and tiles.smem_bytes(head_dim, "bwd") > smem_limit:
+        tiles = _bwd_tiles(head_dim, stages=1)
+    return tiles
+
+
+def _bwd_tiles(head_dim: int, stages: int) -> AttnTiles:
+    # 4 row slices of 16, two warps per slice splitting the keys of S/dP and the columns of
+    # dK/dV/dQ: with 4 warps the hd 64..128 kernels sat at 255 registers and spilled 36-152 B
+    # (ptxas, 2026-11-25); with 8 they take 127-167 at hd 64 (hd 128: 255, 8-16 B spilled)
+    return AttnTiles(block_m=64, block_n=64, warps=4 if head_dim <= 32 else 8, stages=stages)
 
 
 def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: AttnTiles):
@@ -92,21 +115,28 @@ def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: 
         ("CUFLASH_WARPS", str(tiles.warps)),
         ("CUFLASH_CAUSAL", "1" if causal else "0"),
         ("CUFLASH_DROPOUT", "1" if dropout else "0"),
+        ("CUFLASH_Q_STAGES", str(tiles.stages)),
     )
 
 
-def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool) -> KernelVariant:
-    """The forward kernel for a padded head dim (one of HEAD_DIMS)."""
+def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: bool = False) -> KernelVariant:
+    """The forward kernel for a padded head dim (one of HEAD_DIMS); hopper: the sm_90a
+    wgmma kernel (head dims in SM90_FWD_HEAD_DIMS only)."""
+    if hopper:
+        if head_dim not in SM90_FWD_HEAD_DIMS:
+            raise ValueError(f"the sm_90a forward is built for head dims {SM90_FWD_HEAD_DIMS}, not {head_dim}")
+        return KernelVariant("attn_fwd_sm90.cu", ("attn_fwd_kernel",),
+                             _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim, True)), hopper=True)
     return KernelVariant("attn_fwd.cu", ("attn_fwd_kernel",),
                          _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim)))
 
 
-def bwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool) -> KernelVariant:
+def bwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: AttnTiles | None = None) -> KernelVariant:
     """The backward kernels (main, delta, dq cast, GQA dk/dv reduce) for a padded head dim."""
     return KernelVariant(
         "attn_bwd.cu",
         ("attn_bwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkv_reduce_kernel"),
-        _attn_macros(dtype, head_dim, causal, dropout, bwd_tiles(head_dim)),
+        _attn_macros(dtype, head_dim, causal, dropout, tiles or bwd_tiles(head_dim)),
     )
 
 
@@ -120,4 +150,18 @@ def all_variants() -> list[KernelVariant]:
         for causal in (False, True)
         for dropout in (False, True)
     ]
-    return [MASK_VARIANT, CURAND_VECTORS_VARIANT, *attn]
+    hopper = [
+        fwd_variant(dtype, d, causal, dropout, hopper=True)
+        for dtype in DTYPES
+        for d in SM90_FWD_HEAD_DIMS
+        for causal in (False, True)
+        for dropout in (False, True)
+    ]
+    single_stage = [  # the backward on GPUs whose shared memory cannot double buffer Q/dO
+        bwd_variant(dtype, d, causal, dropout, _bwd_tiles(d, stages=1))
+        for dtype in DTYPES
+        for d in HEAD_DIMS
+        for causal in (False, True)
+        for dropout in (False, True)
+    ]
+    return [MASK_VARIANT, CURAND_VECTORS_VARIANT, *attn, *hopper, *single_stage]

@@ -127,6 +127,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="seqlen 1k/4k/16k, fp16 only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--seqlens", help="comma-separated seqlens (default: the sweep)")
+    ap.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
+    ap.add_argument("--dtypes", help="comma-separated: float16,bfloat16")
+    ap.add_argument("--ps", default="0.0,0.1", help="comma-separated dropout probabilities")
     args = ap.parse_args()
     validate()
     try:
@@ -139,11 +143,15 @@ def main():
         peers = []
     seqs = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
     dtypes = ["float16"] if args.quick else ["float16", "bfloat16"]
+    if args.seqlens:
+        seqs = [int(x) for x in args.seqlens.split(",")]
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
     rows = []
     for dt in dtypes:
-        for D in (64, 128):
+        for D in (int(x) for x in args.head_dims.split(",")):
             for causal in (False, True):
-                for p in (0.0, 0.1):
+                for p in (float(x) for x in args.ps.split(",")):
                     for S in seqs:
                         B, H = 16384 // S, 2048 // D
                         flops = 4 * B * H * S * S * D / (2 if causal else 1)

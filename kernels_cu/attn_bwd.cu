@@ -19,12 +19,14 @@
 
 using namespace cuflash;
 
+constexpr int kQStages = CUFLASH_Q_STAGES;     // shared-memory stages of the Q and dO tiles
 constexpr int kWD = kWarps / 4;                  // warps sharing one 16-row slice
 constexpr int kLd = kHeadDim + kSmemPad;         // row stride of Q, dO, K, V tiles
 constexpr int kLdP = kBlockN + kSmemPad;         // row stride of the P and dS tiles
 constexpr int kSN = kBlockN / kWD;               // keys per warp in S and dP
 constexpr int kDN = kHeadDim / kWD;              // head-dim columns per warp in dK, dV, dQ
-constexpr int kDQChunk = kDN < 32 ? kDN : 32;    // dQ columns per pass (bounds live registers)
+constexpr int kDQChunk = kDN % 32 == 0 ? 32 : 16;  // dQ columns per pass (bounds live registers)
+static_assert(kQStages == 1 || kQStages == 2, "single or double buffered Q/dO");
 static_assert(kWarps % 4 == 0 && kBlockM == 64 && kBlockN == 16 * 4, "4 row slices of 16");
 static_assert(kSN % 16 == 0 && kDN % 16 == 0 && kDN % kDQChunk == 0, "whole 16-wide mma/dropout blocks");
 
@@ -55,9 +57,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   extern __shared__ __align__(16) unsigned char smem_raw[];
   elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
   elem_t* sV = sK + kBlockN * kLd;
-  elem_t* sQ = sV + kBlockN * kLd;
-  elem_t* sdO = sQ + kBlockM * kLd;
-  elem_t* sP = sdO + kBlockM * kLd;  // P∘keep·s, [query][key]
+  elem_t* sQ0 = sV + kBlockN * kLd;  // kQStages stages of (Q, dO): block mb+1 loads while mb computes
+  elem_t* sP = sQ0 + 2 * kQStages * kBlockM * kLd;  // P∘keep·s, [query][key]
   elem_t* sdS = sP + kBlockM * kLdP;  // dS, [query][key]
   float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kLdP);  // lse * log2 e (+inf: empty row)
   float* sDelta = sLse + kBlockM;
@@ -85,13 +86,33 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const long long first_q = first_query_seeing<kCausal>(n0, causal_diag);
   const int m_begin = static_cast<int>(first_q / kBlockM);
 
+  // Q and dO of query block mb into stage st (Q at sQ0 + 2 st tiles, dO right after).
+  auto load_q_do = [&](int mb, int st) {
+    const long long m0 = static_cast<long long>(mb) * kBlockM;
+    const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+    elem_t* sq = sQ0 + 2 * st * kBlockM * kLd;
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sq, kLd, q + b * q_st.b + h * q_st.h + m0 * q_st.s, q_st.s,
+                                                 rows_q, head_dim);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sq + kBlockM * kLd, kLd,
+                                                 dout + b * do_st.b + h * do_st.h + m0 * do_st.s, do_st.s, rows_q,
+                                                 head_dim);
+  };
+  if (kQStages == 2 && m_begin < n_mblocks) load_q_do(m_begin, 0);
+  cp_async_commit();
+
   for (int mb = m_begin; mb < n_mblocks; ++mb) {
     const long long m0 = static_cast<long long>(mb) * kBlockM;
     const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, kLd, q + b * q_st.b + h * q_st.h + m0 * q_st.s, q_st.s,
-                                                 rows_q, head_dim);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, kLd, dout + b * do_st.b + h * do_st.h + m0 * do_st.s,
-                                                 do_st.s, rows_q, head_dim);
+    const int st = kQStages == 2 ? (mb - m_begin) & 1 : 0;
+    const elem_t* sQ = sQ0 + 2 * st * kBlockM * kLd;
+    const elem_t* sdO = sQ + kBlockM * kLd;
+    // Two stages: prefetch block mb+1 into the other one (the barrier that ended block mb-1
+    // freed it). One stage (GPUs with less shared memory): load block mb now.
+    if (kQStages == 1) {
+      load_q_do(mb, 0);
+    } else if (mb + 1 < n_mblocks) {
+      load_q_do(mb + 1, st ^ 1);
+    }
     cp_async_commit();
     for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
       const long long i = m0 + r;
@@ -100,7 +121,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       sLse[r] = l == -CUFLASH_INF ? CUFLASH_INF : l * kLog2e;
       sDelta[r] = i < seqlen_q ? delta[static_cast<long long>(bh) * seqlen_q + i] : 0.f;
     }
-    cp_async_wait<0>();
+    cp_async_wait<kQStages - 1>();  // block mb's Q and dO (and K, V) have landed; mb+1's may be in flight
     __syncthreads();  // Q, dO, lse, delta (and K, V on the first pass) visible to all warps
 
     // S and dP for rows rs*16.. (queries) x keys dh*kSN..

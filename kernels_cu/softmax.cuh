@@ -25,6 +25,14 @@ struct OnlineSoftmax {
   // p = exp2(s * scale_log2 - m_new) and acc has been rescaled by exp2(m_old - m_new).
   template <int DT>
   __device__ __forceinline__ void update(float (&s)[NT][4], float scale_log2, float (&acc)[DT][4]) {
+    float corr[2];
+    update_scores(s, scale_log2, corr);
+    rescale(acc, corr);
+  }
+
+  // The two halves of update(), for a caller that must rescale acc later (the Hopper
+  // kernel: acc may still be an operand of an in-flight wgmma while the scores are done).
+  __device__ __forceinline__ void update_scores(float (&s)[NT][4], float scale_log2, float (&corr)[2]) {
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       float mx = -CUFLASH_INF;
@@ -38,20 +46,26 @@ struct OnlineSoftmax {
       // A row that has seen no visible key yet has m_new = -inf: subtract 0 instead, so
       // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
       const float m_use = m_new == -CUFLASH_INF ? 0.f : m_new;
-      const float corr = exp2f(m[rh] - m_use);  // m_old = -inf gives 0: nothing to rescale
+      corr[rh] = exp2f(m[rh] - m_use);  // m_old = -inf gives 0: nothing to rescale
       m[rh] = m_new;
-      l[rh] *= corr;
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        acc[d][2 * rh] *= corr;
-        acc[d][2 * rh + 1] *= corr;
-      }
+      l[rh] *= corr[rh];
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         s[t][2 * rh] = exp2f(s[t][2 * rh] - m_use);
         s[t][2 * rh + 1] = exp2f(s[t][2 * rh + 1] - m_use);
         l[rh] += s[t][2 * rh] + s[t][2 * rh + 1];
       }
+    }
+  }
+
+  template <int DT>
+  __device__ __forceinline__ static void rescale(float (&acc)[DT][4], const float (&corr)[2]) {
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      acc[d][0] *= corr[0];
+      acc[d][1] *= corr[0];
+      acc[d][2] *= corr[1];
+      acc[d][3] *= corr[1];
     }
   }
 

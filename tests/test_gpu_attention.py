@@ -157,3 +157,42 @@ def test_dropout_unbiased(cp):
         acc += cuflash.attention(q, k, v, dropout_p=0.3, seed=s, offset=0).astype(cp.float32)
     err = float(cp.abs(acc / n - ref).mean() / cp.abs(ref).mean())
     assert err < 0.05, err
+
+
+@pytest.fixture(params=["default", "sm80"])
+def forward_path(request, monkeypatch):
+    """Run a test on the default forward (sm_90a wgmma on an H100 for head dims 64/128)
+    and again with the sm_80 kernel forced, so an H100 checks both."""
+    if request.param == "sm80":
+        monkeypatch.setattr(_attn_gpu, "use_hopper_forward", lambda d: False)
+    return request.param
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+def test_effective_mask_is_the_twin(cp, forward_path, dt, d):
+    # q = 0 makes every visible score equal (P = 1/Sk) and v = identity (Sk = d) makes
+    # out[i, j] = keep[i, j] * scale / Sk: the mask the forward applied, read back exactly.
+    B, H, Sq, Sk = 2, 3, 300, d
+    dtype = _dtype(dt)
+    q = cp.zeros((B, Sq, H, d), dtype=dtype)
+    v = cp.asarray(np.broadcast_to(np.eye(d, dtype=np.float32)[None, :, None, :], (B, Sk, H, d)).astype(dtype))
+    out, ctx = cuflash.attention_forward(q, q[:, :Sk], v, dropout_p=0.3, seed=12345, offset=7)
+    got = out.get().astype(np.float32).transpose(0, 2, 1, 3) != 0  # (B, H, Sq, Sk)
+    want = cuflash.dropout_mask(B, H, Sq, Sk, dropout_p=0.3, seed=12345, offset=7, xp=np)
+    print(forward_path, "mismatches:", int((got != want).sum()), "of", got.size)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", [
+    ("float16", 64, False, 0.17, (200, 1025), (4, 2)),
+    ("bfloat16", 64, True, 0.17, (1025, 200), (2, 2)),
+    ("float16", 128, True, 0.0, (2048, 2048), (2, 2)),
+    ("bfloat16", 128, False, 0.17, (113, 203), (4, 1)),
+    ("float16", 128, True, 0.17, (97, 17), (2, 2)),
+])
+def test_both_forward_paths_match_reference(cp, forward_path, case):
+    dt, d, causal, p, seqs, heads = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    res = run_case(cp, dt, d, causal, p, seqs, heads, rng)
+    print(forward_path, {k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})

@@ -1,0 +1,230 @@
+// Fused attention forward, Hopper path (sm_90a): wgmma on shared-memory operands.
+//
+//   q: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   out: (B, Sq, H, D)   lse: (B, H, Sq) fp32
+//
+// One CTA owns kBlockM = 64 * kWarpgroups query rows of one (b, h); warpgroup g owns rows
+// 64g.. of them and warp w of that warpgroup rows 16w.. (the wgmma accumulator layout).
+// Per key block, per warpgroup: S = Q K^T (wgmma, Q and K from shared memory), masking,
+// online softmax, dropout in the accumulator fragment -- the very code of the sm_80 path,
+// so the same mask bits -- then acc_o += P V (wgmma, P from registers, V read MN-major).
+// K and V are double buffered: block n+1 streams in by cp.async while block n computes.
+// Same arguments and results as attn_fwd.cu.
+#include "attn_config.cuh"
+#include "copy_sm80.cuh"
+#include "dropout.cuh"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+#include "softmax.cuh"
+#include "wgmma_sm90.cuh"
+
+using namespace cuflash;
+
+constexpr int kWarpgroups = kWarps / 4;
+constexpr int kNT = kBlockN / 8;   // n8 tiles of S per row
+constexpr int kDT = kHeadDim / 8;  // n8 tiles of acc_o per row
+constexpr int kKSteps = kBlockN / 16;  // k16 steps of P V
+constexpr unsigned kTileQ = kBlockM * kHeadDim * 2;   // bytes of the Q tile
+constexpr unsigned kTileKV = kBlockN * kHeadDim * 2;  // bytes of one K or V stage
+constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swizzle atom
+static_assert(kWarps % 4 == 0 && kBlockM == 64 * kWarpgroups, "each warpgroup owns 64 query rows");
+static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V, and whole 64-column swizzle chunks");
+static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T");
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+                elem_t* __restrict__ out, float* __restrict__ lse,
+                STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(o),
+                int nheads, int group,  // group = H / Hk: query heads per kv head
+                long long seqlen_q, long long seqlen_k, int head_dim,
+                float scale_log2,  // softmax_scale * log2(e): scores in exp2 units
+                SHARD_ARGS, RNG_ARGS) {
+  STRIDES(q);
+  STRIDES(k);
+  STRIDES(v);
+  STRIDES(o);
+
+  // Swizzle atoms must start on 1024-byte boundaries; the dynamic window is only promised
+  // 16-byte alignment, so round up inside it (Python adds kAtom bytes of slack).
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const unsigned raw_addr = smem_u32(smem_raw);
+  unsigned char* sQ = smem_raw + (((raw_addr + kAtom - 1) & ~(kAtom - 1)) - raw_addr);
+  unsigned char* sK = sQ + kTileQ;       // stage s at sK + s * kTileKV
+  unsigned char* sV = sK + 2 * kTileKV;  // stage s at sV + s * kTileKV
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+  const long long m0 = static_cast<long long>(blockIdx.x) * kBlockM;
+  const int bh = blockIdx.y, b = bh / nheads, h = bh % nheads, hk = h / group;
+
+  const elem_t* q_base = q + b * q_st.b + h * q_st.h + m0 * q_st.s;
+  const elem_t* k_base = k + b * k_st.b + hk * k_st.h;
+  const elem_t* v_base = v + b * v_st.b + hk * v_st.h;
+  const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+
+  const long long key_end = visible_key_end<kCausal>(m0 + kBlockM, seqlen_k, causal_diag);
+  const int n_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int t = 0; t < kDT; ++t) acc_o[t][0] = acc_o[t][1] = acc_o[t][2] = acc_o[t][3] = 0.f;
+  float(&acc_flat)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
+  OnlineSoftmax<kNT> sm;
+
+  // Copies, oldest first: [Q, K(0)], [K(1)], [V(0)]; then per block nb: [K(nb+2)] at the
+  // top, [V(nb+1)] in the middle (see below). Empty groups keep the counts uniform.
+  auto load_k = [&](int nb) {
+    const long long n0 = static_cast<long long>(nb) * kBlockN;
+    const int rows = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+    load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sK + (nb & 1) * kTileKV, k_base + n0 * k_st.s, k_st.s, rows,
+                                                       head_dim);
+  };
+  auto load_v = [&](int nb) {
+    const long long n0 = static_cast<long long>(nb) * kBlockN;
+    const int rows = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+    load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sV + (nb & 1) * kTileKV, v_base + n0 * v_st.s, v_st.s, rows,
+                                                       head_dim);
+  };
+  load_tile_sw128_async<kBlockM, kHeadDim, kThreads>(sQ, q_base, q_st.s, rows_q, head_dim);
+  if (n_blocks > 0) load_k(0);
+  cp_async_commit();
+  if (n_blocks > 1) load_k(1);
+  cp_async_commit();
+  if (n_blocks > 0) load_v(0);
+  cp_async_commit();
+
+  const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
+  const long long warp_m0 = m0 + wg * 64 + wq * 16;  // this warp's first query row
+  const long long row_lo = warp_m0 + (lane >> 2);     // this thread's first row; second is +8
+  const unsigned q_addr = smem_u32(sQ) + wg * 64 * 128;  // this warpgroup's rows of chunk 0
+
+  // S = Q K(nb)^T, issued (not waited for): head-dim step ks reads 32 bytes at
+  // (ks % 4) * 32 of 64-column chunk ks / 4 of Q and of K.
+  auto issue_s = [&](float(&acc)[kNT * 4], int nb) {
+    const unsigned k_addr = smem_u32(sK + (nb & 1) * kTileKV);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const unsigned long long da = sw128_desc(q_addr + (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32, 16, kAtom);
+      const unsigned long long db = sw128_desc(k_addr + (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32, 16, kAtom);
+      Wgmma<elem_t, kBlockN, 0>::ss(acc, da, db, ks > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+  };
+
+  float s[kNT][4];  // scores of one key block, then its P
+  float(&s_flat)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(s);
+  float corr[2];        // acc_o rescale that the softmax of the newest block asks for
+  unsigned pa[kKSteps][4];  // P of block nb as the A fragments of P V(nb), 4 registers per 16 keys
+
+  // Scores of block nb (in s, wgmma done) -> P with masking, online softmax and dropout.
+  auto softmax_block = [&](int nb) {
+    const long long n0 = static_cast<long long>(nb) * kBlockN;
+    // Masking: only blocks that cross the key end or the causal diagonal need it.
+    const bool need_mask = (n0 + kBlockN > seqlen_k) || (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
+    if (need_mask) {
+#pragma unroll
+      for (int t = 0; t < kNT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const long long i = row_lo + 8 * (e >> 1), j = n0 + 8 * t + 2 * (lane & 3) + (e & 1);
+          if (!score_visible<kCausal>(i, j, seqlen_k, causal_diag)) s[t][e] = -CUFLASH_INF;
+        }
+    }
+    sm.update_scores(s, scale_log2, corr);  // s becomes P (un-normalised, undropped)
+    if constexpr (kDropout) {
+      const unsigned R = static_cast<unsigned>((q_start + warp_m0) >> 4);  // global 16-row block
+#pragma unroll
+      for (int c16 = 0; c16 < kNT / 2; ++c16) {
+        const unsigned C = static_cast<unsigned>(((k_start + n0) >> 4) + c16);
+        const uint4 w = dropout_block_words(dp, b, h, R, C, lane);
+        apply_keep(s[2 * c16], w.x, w.y, threshold);      // n8 tile 0: words 0 (rows 0-7), 1 (rows 8-15)
+        apply_keep(s[2 * c16 + 1], w.z, w.w, threshold);  // n8 tile 1: words 2, 3
+      }
+    }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      pa[ks][0] = pack2<elem_t>(s[2 * ks][0], s[2 * ks][1]);
+      pa[ks][1] = pack2<elem_t>(s[2 * ks][2], s[2 * ks][3]);
+      pa[ks][2] = pack2<elem_t>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+      pa[ks][3] = pack2<elem_t>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+    }
+  };
+
+  if (n_blocks > 0) {
+    cp_async_wait<2>();
+    fence_proxy_async();
+    __syncthreads();  // Q and K(0) visible to every warpgroup's wgmma
+    issue_s(s_flat, 0);
+    wgmma_wait<0>();
+    fence_operands(s_flat);
+    softmax_block(0);
+    pack_p();
+  }
+
+  // Per block nb, per warpgroup (FlashAttention-3's intra-warpgroup overlap): S(nb+1) is
+  // issued, acc_o rescaled, P V(nb) issued; then the softmax and dropout of block nb+1 run
+  // on the ALUs while P V(nb) runs on the tensor cores. Each wgmma's accumulators are
+  // read only after a wait that ptxas can see covers it (or it serializes every wgmma).
+  auto block = [&](int nb, bool has_next) {
+
+    // In flight: K(nb+1), V(nb). Let V(nb) stay.
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();  // K(nb+1) visible to wgmma; every warpgroup is done with S(nb), so K stage nb&1 is free
+    if (nb + 2 < n_blocks) load_k(nb + 2);
+    cp_async_commit();
+    if (has_next) issue_s(s_flat, nb + 1);  // s is free: P(nb) already sits in pa
+
+    OnlineSoftmax<kNT>::rescale(acc_o, corr);  // P V(nb-1) was waited for at the end of block nb-1
+
+    // In flight: V(nb), K(nb+2). Let K(nb+2) stay.
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();  // V(nb) visible to wgmma; every warpgroup is done with P V(nb-1), so V stage (nb+1)&1 is free
+    if (has_next) load_v(nb + 1);
+    cp_async_commit();
+
+    // acc_o += P V(nb): key step ks starts at row 16 ks; LBO steps to the next 64 head-dim columns.
+    const unsigned v_addr = smem_u32(sV + (nb & 1) * kTileKV);
+    wgmma_fence();  // acc_o (rescaled) and pa were written by ordinary instructions
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const unsigned long long db = sw128_desc(v_addr + ks * 16 * 128, kBlockN * 128, kAtom);
+      Wgmma<elem_t, kHeadDim, 1>::rs(acc_flat, pa[ks], db, 1);
+    }
+    wgmma_commit();
+
+    if (has_next) {
+      wgmma_wait<1>();  // S(nb+1) done; P V(nb) still running
+      fence_operands(s_flat);
+      softmax_block(nb + 1);
+    }
+    wgmma_wait<0>();  // P V(nb) done: acc_o and pa are free again
+    fence_operands(acc_flat);
+    if (has_next) pack_p();
+  };
+  for (int nb = 0; nb + 1 < n_blocks; ++nb) block(nb, true);
+  if (n_blocks > 0) block(n_blocks - 1, false);
+  cp_async_wait<0>();  // no copy may be left in flight at exit
+
+  // Epilogue: out = acc_o * drop_scale / l_i; lse = (m_i + log2 l_i) * ln 2.
+  float row_mul[2], row_lse[2];
+  sm.finalize(drop_scale, row_mul, row_lse);
+  elem_t* o_base = out + b * o_st.b + h * o_st.h;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const long long i = row_lo + 8 * rh;
+    if (i >= seqlen_q) continue;  // tail rows of the last query block
+    elem_t* o_row = o_base + i * o_st.s;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int d = dt * 8 + 2 * (lane & 3);
+      if (d < head_dim)  // padded head dims are computed but not stored
+        *reinterpret_cast<unsigned*>(o_row + d) =
+            pack2<elem_t>(acc_o[dt][2 * rh] * row_mul[rh], acc_o[dt][2 * rh + 1] * row_mul[rh]);
+    }
+    if ((lane & 3) == 0) lse[static_cast<long long>(bh) * seqlen_q + i] = row_lse[rh];
+  }
+}
