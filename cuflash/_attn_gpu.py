@@ -73,7 +73,7 @@ def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, off
     B, Sq, H, D, Sk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k
     d_pad = padded_head_dim(D)
     hopper = use_hopper_forward(d_pad)
-    tiles = fwd_tiles(d_pad, hopper)
+    tiles = fwd_tiles(d_pad, hopper, threshold > 0)
     variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0, hopper)
     smem = tiles.smem_bytes(d_pad, "fwd_sm90" if hopper else "fwd")
     fn = get_function(variant, "attn_fwd_kernel", dynamic_smem=smem)

@@ -80,12 +80,17 @@ class AttnTiles:
 SM90_FWD_HEAD_DIMS = (64, 128)
 
 
-def fwd_tiles(head_dim: int, hopper: bool = False) -> AttnTiles:
+def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False) -> AttnTiles:
+    if hopper and head_dim == 128 and dropout:
+        # one warpgroup per CTA, two CTAs per SM: they drift apart, so one's Philox and
+        # softmax work overlaps the other's wgmma. H100 fp16 S=4k, 2026-11-25: 238 (full) /
+        # 219 (causal) TFLOP/s vs 222 / 191 for 128x128 with two warpgroups in lockstep
+        return AttnTiles(block_m=64, block_n=64, warps=4)
     if hopper:
-        # two warpgroups x 64 query rows share each K/V block; 128-key blocks (wgmma n128)
-        # at head dim 64, 64-key blocks at 128 (128 spills 64-88 B with dropout: S and acc_o
-        # are 128 floats per thread)
-        return AttnTiles(block_m=128, block_n=128 if head_dim <= 64 else 64, warps=8)
+        # two warpgroups x 64 query rows share each K/V block of 128 keys (wgmma n128).
+        # H100 fp16 S=4k, 2026-11-25: hd128 p=0 395 TFLOP/s vs 325 with 64-key blocks; hd64
+        # p=0.1 174 vs 150 (64x64, one warpgroup) and 157 (64x128)
+        return AttnTiles(block_m=128, block_n=128, warps=8)
     # each warp owns 16 query rows; head dims past 128 take 32-key blocks so acc_o
     # (head_dim / 2 floats per thread) and S (block_n / 2) stay in registers
     return AttnTiles(block_m=64, block_n=64 if head_dim <= 128 else 32, warps=4)
@@ -126,7 +131,8 @@ def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: 
         if head_dim not in SM90_FWD_HEAD_DIMS:
             raise ValueError(f"the sm_90a forward is built for head dims {SM90_FWD_HEAD_DIMS}, not {head_dim}")
         return KernelVariant("attn_fwd_sm90.cu", ("attn_fwd_kernel",),
-                             _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim, True)), hopper=True)
+                             _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim, True, dropout)),
+                             hopper=True)
     return KernelVariant("attn_fwd.cu", ("attn_fwd_kernel",),
                          _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim)))
 

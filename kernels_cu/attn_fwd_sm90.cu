@@ -116,6 +116,18 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   float corr[2];        // acc_o rescale that the softmax of the newest block asks for
   unsigned pa[kKSteps][4];  // P of block nb as the A fragments of P V(nb), 4 registers per 16 keys
 
+  // The Philox words of block nb's dropout, one call per thread per 16x16 block. They do
+  // not depend on S, so they are drawn while S(nb) is on the tensor cores.
+  uint4 words[kNT / 2];
+  auto draw_words = [&](int nb) {
+    if constexpr (kDropout) {
+      const unsigned R = static_cast<unsigned>((q_start + warp_m0) >> 4);  // global 16-row block
+      const unsigned C0 = static_cast<unsigned>((k_start + static_cast<long long>(nb) * kBlockN) >> 4);
+#pragma unroll
+      for (int c16 = 0; c16 < kNT / 2; ++c16) words[c16] = dropout_block_words(dp, b, h, R, C0 + c16, lane);
+    }
+  };
+
   // Scores of block nb (in s, wgmma done) -> P with masking, online softmax and dropout.
   auto softmax_block = [&](int nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
@@ -132,13 +144,10 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     }
     sm.update_scores(s, scale_log2, corr);  // s becomes P (un-normalised, undropped)
     if constexpr (kDropout) {
-      const unsigned R = static_cast<unsigned>((q_start + warp_m0) >> 4);  // global 16-row block
 #pragma unroll
       for (int c16 = 0; c16 < kNT / 2; ++c16) {
-        const unsigned C = static_cast<unsigned>(((k_start + n0) >> 4) + c16);
-        const uint4 w = dropout_block_words(dp, b, h, R, C, lane);
-        apply_keep(s[2 * c16], w.x, w.y, threshold);      // n8 tile 0: words 0 (rows 0-7), 1 (rows 8-15)
-        apply_keep(s[2 * c16 + 1], w.z, w.w, threshold);  // n8 tile 1: words 2, 3
+        apply_keep(s[2 * c16], words[c16].x, words[c16].y, threshold);      // n8 tile 0: rows 0-7, 8-15
+        apply_keep(s[2 * c16 + 1], words[c16].z, words[c16].w, threshold);  // n8 tile 1
       }
     }
   };
@@ -157,6 +166,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     fence_proxy_async();
     __syncthreads();  // Q and K(0) visible to every warpgroup's wgmma
     issue_s(s_flat, 0);
+    draw_words(0);
     wgmma_wait<0>();
     fence_operands(s_flat);
     softmax_block(0);
@@ -175,7 +185,10 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     __syncthreads();  // K(nb+1) visible to wgmma; every warpgroup is done with S(nb), so K stage nb&1 is free
     if (nb + 2 < n_blocks) load_k(nb + 2);
     cp_async_commit();
-    if (has_next) issue_s(s_flat, nb + 1);  // s is free: P(nb) already sits in pa
+    if (has_next) {
+      issue_s(s_flat, nb + 1);  // s is free: P(nb) already sits in pa
+      draw_words(nb + 1);       // integer work while S(nb+1) runs
+    }
 
     OnlineSoftmax<kNT>::rescale(acc_o, corr);  // P V(nb-1) was waited for at the end of block nb-1
 

@@ -71,4 +71,6 @@ def test_hopper_forward_keeps_wgmma_asynchronous():
             for dropout in (False, True):
                 r = compile_variant(fwd_variant(dtype, d, True, dropout, hopper=True), "sm_90a")
                 assert "C7514" not in r.log and "C7515" not in r.log, r.log
-                assert all(f.spill_stores == 0 for f in r.reports), r.log
+                # hd128 causal p=0 (128x128 tiles) spills 20 B and still beats 128x64 (281 vs
+                # 251 TFLOP/s); anything larger is a regression
+                assert all(f.spill_stores <= 32 for f in r.reports), r.log
