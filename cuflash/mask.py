@@ -67,14 +67,38 @@ def keep_probability(threshold: int) -> float:
 
 
 def dropout_mask_numpy(
-    batch: int, nheads: int, seqlen_q: int, seqlen_k: int, *, threshold: int, seed: int, offset: int
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    threshold: int,
+    seed: int,
+    offset: int,
+    row_start: int = 0,
+    col_start: int = 0,
 ) -> np.ndarray:
-    """keep(b, h, i, j) for all coordinates: bool array (batch, nheads, seqlen_q, seqlen_k), True = kept."""
-    n_r, n_c = -(-seqlen_q // 16), -(-seqlen_k // 16)
+    """keep(b, h, i, j) as a bool array (batch, nheads, seqlen_q, seqlen_k), True = kept.
+
+    Rows are global rows ``row_start .. row_start + seqlen_q - 1`` and columns global
+    columns ``col_start .. col_start + seqlen_k - 1`` (any non-negative starts), so the
+    mask of one shard of a larger problem (context parallelism) is exactly the slice
+    ``full[:, :, row_start:row_start + seqlen_q, col_start:col_start + seqlen_k]``.
+    """
+    if row_start < 0 or col_start < 0:
+        raise ValueError(f"row_start and col_start must be >= 0, got {row_start} and {col_start}")
+    if col_start + seqlen_k >= MAX_SEQLEN_K:
+        raise ValueError(f"col_start + seqlen_k must be below 2**31, got {col_start + seqlen_k}")
+    # Whole 16x16 blocks covering the requested window; the window is cut out at the end.
+    r0, c0 = row_start >> 4, col_start >> 4
+    n_r = ((row_start + seqlen_q + 15) >> 4) - r0
+    n_c = ((col_start + seqlen_k + 15) >> 4) - c0
+    dr, dc = row_start - 16 * r0, col_start - 16 * c0
     out = np.empty((batch, nheads, seqlen_q, seqlen_k), dtype=bool)
     key = np.array([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], dtype=np.uint32)
-    R = np.arange(n_r, dtype=np.uint32)[:, None, None]
-    xw = (np.arange(n_c, dtype=np.uint32)[None, :, None] * 32 + np.arange(32, dtype=np.uint32)[None, None, :])
+    R = (r0 + np.arange(n_r, dtype=np.uint64)).astype(np.uint32)[:, None, None]
+    C = (c0 + np.arange(n_c, dtype=np.uint64))[None, :, None]
+    xw = (C * 32 + np.arange(32, dtype=np.uint64)[None, None, :]).astype(np.uint32)
     counter = np.empty((n_r, n_c, 32, 4), dtype=np.uint32)
     counter[..., 0] = xw
     counter[..., 1] = R
@@ -86,5 +110,5 @@ def dropout_mask_numpy(
             vals = words[:, :, _LANE, _WORD]  # (n_r, n_c, 16, 16)
             keep = ((vals >> _SHIFT) & 0xFFFF) >= threshold
             full = keep.transpose(0, 2, 1, 3).reshape(n_r * 16, n_c * 16)
-            out[b, h] = full[:seqlen_q, :seqlen_k]
+            out[b, h] = full[dr:dr + seqlen_q, dc:dc + seqlen_k]
     return out

@@ -82,15 +82,18 @@ def _to_bool_numpy(x: Any) -> np.ndarray:
     return np.asarray(x).astype(bool)
 
 
-def causal_mask(sq: int, sk: int, xp: ModuleType = np) -> Any:
-    """Bottom-right aligned causal visibility mask.
+def causal_mask(sq: int, sk: int, xp: ModuleType = np, diag: int | None = None) -> Any:
+    """Causal visibility mask, bottom-right aligned by default.
 
     Returns a boolean array of shape (Sq, Sk) that is True where query row i may
-    see key column j, i.e. j <= i + (Sk - Sq).
+    see key column j, i.e. j <= i + diag with diag = Sk - Sq unless given.  A block
+    of a larger problem (context parallelism: rows from q_start, columns from
+    k_start of a (Sq_total, Sk_total) problem) uses
+    diag = q_start - k_start + Sk_total - Sq_total, the kernels' ``causal_diag``.
     """
     rows = xp.arange(sq)[:, None]
     cols = xp.arange(sk)[None, :]
-    return cols <= rows + (sk - sq)
+    return cols <= rows + (sk - sq if diag is None else int(diag))
 
 
 def _check_shapes(q: Any, k: Any, v: Any, keep: Any | None) -> tuple[int, int, int, int, int, int]:
@@ -159,19 +162,19 @@ def _pv_exact(z: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _masked_scores_f64(
-    q: np.ndarray, k: np.ndarray, causal: bool, scale: float, groups: int
+    q: np.ndarray, k: np.ndarray, causal: bool, scale: float, groups: int, diag: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """scale * S with invisible entries set to -inf.
 
     q: (B, Sq, H, D), k: (B, Sk, Hk, D) float64.  Returns (B, H, Sq, Sk) scores and
-    the (Sq, Sk) visibility mask (None when not causal).
+    the (Sq, Sk) visibility mask (None when not causal); diag as in ``causal_mask``.
     """
     qh = _heads_first(q, np)  # (B, H, Sq, D)
     kh = _expand_kv(k, groups, np)  # (B, H, Sk, D)
     s = np.matmul(qh, kh.swapaxes(-1, -2)) * scale  # (B, H, Sq, Sk)
     mask = None
     if causal:
-        mask = causal_mask(q.shape[1], k.shape[1])
+        mask = causal_mask(q.shape[1], k.shape[1], diag=diag)
         s = np.where(mask, s, -np.inf)
     return s, mask
 
@@ -185,6 +188,7 @@ def attention_forward_ref(
     softmax_scale: float | None = None,
     keep: Any | None = None,
     keep_scale: float = 1.0,
+    causal_diag: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """float64 reference attention forward.
 
@@ -195,6 +199,8 @@ def attention_forward_ref(
         softmax_scale: defaults to 1 / sqrt(D).
         keep: optional bool (B, H, Sq, Sk) dropout keep mask.
         keep_scale: 1 / keep_probability, applied to kept probabilities.
+        causal_diag: with causal, row i sees key j iff j <= i + causal_diag
+            (default Sk - Sq; see ``causal_mask`` for a block of a larger problem).
 
     Returns:
         out: float64 (B, Sq, H, D); lse: float64 (B, H, Sq) of the un-dropped
@@ -207,7 +213,7 @@ def attention_forward_ref(
     groups = h // hk
     scale = _resolve_scale(softmax_scale, d)
 
-    s, _ = _masked_scores_f64(q64, k64, causal, scale, groups)  # (B, H, Sq, Sk)
+    s, _ = _masked_scores_f64(q64, k64, causal, scale, groups, causal_diag)  # (B, H, Sq, Sk)
     m = s.max(axis=-1, keepdims=True) if s.shape[-1] > 0 else np.full(s.shape[:-1] + (1,), -np.inf)
     # Fully masked rows have m = -inf; use 0 there so exp(-inf - 0) = 0 (no inf - inf).
     # NaN rows keep m = NaN and so propagate.
@@ -239,6 +245,7 @@ def attention_backward_ref(
     softmax_scale: float | None = None,
     keep: Any | None = None,
     keep_scale: float = 1.0,
+    causal_diag: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 hand-derived attention backward (FlashAttention formulation).
 
@@ -247,7 +254,13 @@ def attention_backward_ref(
         q: (B, Sq, H, D); k, v: (B, Sk, Hk, D).
         lse: (B, H, Sq) log-sum-exp of the scaled scores (as returned by the
             forward; -inf on fully masked rows).
-        causal, softmax_scale, keep, keep_scale: as in ``attention_forward_ref``.
+        causal, softmax_scale, keep, keep_scale, causal_diag: as in
+            ``attention_forward_ref``.
+
+    For a block of keys of a larger problem (context parallelism), pass the lse and
+    out of the whole rows (merged over every key block): the result is then this key
+    block's exact share of dq and its exact dk, dv, because P = exp(scale*S - lse)
+    and delta = rowsum(dO * O) only need those two row quantities.
 
     Returns:
         dq (B, Sq, H, D), dk (B, Sk, Hk, D), dv (B, Sk, Hk, D), float64.  dk / dv
@@ -265,7 +278,7 @@ def attention_backward_ref(
         raise ValueError(f"lse must have shape {(b, h, sq)}; got {lse64.shape}")
     scale = _resolve_scale(softmax_scale, d)
 
-    s, mask = _masked_scores_f64(q64, k64, causal, scale, groups)  # scale*S, -inf where masked
+    s, mask = _masked_scores_f64(q64, k64, causal, scale, groups, causal_diag)  # scale*S, -inf where masked
     # P = exp(scale*S - lse).  On fully masked rows lse = -inf and every entry of s
     # is -inf: replace lse by 0 there so that P = exp(-inf) = 0 instead of NaN.
     lse_safe = np.where(np.isneginf(lse64), 0.0, lse64)[..., None]
