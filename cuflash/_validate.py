@@ -61,7 +61,10 @@ def check_qkv(q, k, v) -> Problem:
     mods = {n: array_module_name(a) for n, a in names.items()}
     for n, m in mods.items():
         if m is None:
-            raise TypeError(f"{n} must be a CuPy or NumPy array, got {type(names[n]).__module__}.{type(names[n]).__name__}")
+            raise TypeError(
+                f"{n} must be a CuPy or NumPy array, or a GPU array with DLPack or __cuda_array_interface__, "
+                f"got {type(names[n]).__module__}.{type(names[n]).__name__}"
+            )
     if len(set(mods.values())) != 1:
         raise TypeError(f"q, k, v must all be CuPy arrays (GPU) or all NumPy arrays (CPU reference), got {mods}")
     xp_name = mods["q"]

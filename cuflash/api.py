@@ -2,7 +2,10 @@
 
 CuPy arrays run the fused kernels on the current CuPy device and stream; NumPy arrays
 run the float64 reference (``cuflash.reference``) on the CPU with the very same mask,
-so a result can be debugged or compared without a GPU.
+so a result can be debugged or compared without a GPU. Other libraries' GPU arrays
+(torch, JAX, Numba: anything with DLPack or ``__cuda_array_interface__``) are wrapped
+as CuPy arrays without a copy (cuflash._interop) and run the kernels; results are CuPy
+arrays.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from . import _generator, _validate
+from . import _generator, _interop, _validate
 from . import mask as _mask
 from . import reference as _reference
 
 __all__ = ["AttentionContext", "attention", "attention_forward", "attention_backward", "dropout_mask"]
 
-Array = Any  # cupy.ndarray or numpy.ndarray
+Array = Any  # cupy.ndarray or numpy.ndarray (inputs: also DLPack / __cuda_array_interface__ GPU arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,13 @@ class AttentionContext:
     dropout_p:    the probability asked for
     keep_prob:    the realized keep probability (65536 - threshold) / 65536
     seed, offset: the Philox key and counter word the mask was drawn with (with p == 0
-                  nothing is drawn: they are recorded as given, possibly None)
+                  nothing is drawn: they are recorded as given, possibly None). None
+                  when a DeviceGenerator supplied them: see rng_state, get_seed_offset()
+    q_start, k_start, causal_diag: where this call sits in a larger problem (context
+                  parallelism); the defaults describe a whole problem
+    rng_state:    None, or a cupy uint64 array (2,) = [seed, offset] in device memory
+                  that the kernels read instead of seed/offset (the snapshot a
+                  DeviceGenerator took for this call; a replayed CUDA graph refills it)
     """
 
     q: Array
@@ -56,6 +65,18 @@ class AttentionContext:
     causal_diag: int | None = None  # local row i sees local key j iff j <= i + causal_diag; None: Sk - Sq
     rng_state: Any = None  # device uint64 (seed, offset) the kernels read instead of seed/offset
 
+    def get_seed_offset(self) -> tuple[int | None, int | None]:
+        """(seed, offset) the mask was drawn with, as ints.
+
+        With a DeviceGenerator they are read from ``rng_state`` (a 16-byte copy to the
+        host on the current stream, which waits for it: not inside a graph capture; after
+        a graph replay it gives that replay's values). Otherwise ``(seed, offset)``.
+        """
+        if self.rng_state is not None:
+            seed, offset = (int(x) for x in self.rng_state.get())
+            return seed, offset
+        return self.seed, self.offset
+
     @property
     def dropout_p_effective(self) -> float:
         """The drop probability actually applied: threshold / 65536."""
@@ -65,6 +86,22 @@ class AttentionContext:
     def dropout_scale(self) -> float:
         """Factor applied to kept probabilities: 1 / keep_prob."""
         return 1.0 / self.keep_prob
+
+
+def _check_generator(generator, seed, offset, xp_name: str) -> None:
+    """generator: None or a DeviceGenerator, exclusive with seed/offset, for CuPy arrays only."""
+    if generator is None:
+        return
+    if not isinstance(generator, _generator.DeviceGenerator):
+        raise TypeError(f"generator must be a cuflash.DeviceGenerator or None, got {type(generator).__name__}")
+    if seed is not None or offset is not None:
+        given = ", ".join(f"{n}={v!r}" for n, v in (("seed", seed), ("offset", offset)) if v is not None)
+        raise ValueError(f"generator and seed/offset are mutually exclusive: got a generator and {given}")
+    if xp_name != "cupy":
+        raise TypeError(
+            "generator (a DeviceGenerator, whose state is in GPU memory) needs GPU arrays; for NumPy arrays pass "
+            "seed and offset, e.g. seed, offset = generator.get_state()"
+        )
 
 
 def _resolve_rng(p: float, seed, offset) -> tuple[int | None, int | None]:
@@ -89,14 +126,23 @@ def attention_forward(
     seed: int | None = None,
     offset: int | None = None,
     deterministic: bool = False,
+    generator: _generator.DeviceGenerator | None = None,
 ) -> tuple[Array, AttentionContext]:
     """Attention forward; returns ``(out, ctx)`` for attention_backward.
 
     q: (B, Sq, H, D); k, v: (B, Sk, Hk, D) with H % Hk == 0 (GQA/MQA), D a multiple of
     8 up to 256, last dim contiguous (other strides free: slices of a packed qkv buffer
     are fine). CuPy arrays: float16 or bfloat16 (ml_dtypes), run on the GPU. NumPy
-    arrays: also float32/float64, run by the float64 CPU reference.
-    out: (B, Sq, H, D) in q's dtype.
+    arrays: also float32/float64, run by the float64 CPU reference. Other GPU arrays
+    offering DLPack (torch CUDA tensors, JAX arrays) or ``__cuda_array_interface__``
+    (Numba) are wrapped as CuPy arrays over the same memory, no copy: e.g. a torch
+    (B, H, S, D) tensor passes as ``t.transpose(1, 2)``. torch tensors that require
+    grad must be passed ``.detach()``-ed (torch refuses to export them).
+    out: (B, Sq, H, D) in q's dtype, a CuPy array on the GPU path.
+
+    Streams: the kernels run on CuPy's current stream. With another library's arrays,
+    run on its stream (``with cuflash.as_cupy_stream(torch.cuda.current_stream()):``)
+    or order the streams yourself.
 
     causal: mask aligned bottom-right, query row i sees key j iff j <= i + Sk - Sq
     (rows that see no key give 0)::
@@ -113,24 +159,38 @@ def attention_forward(
     returns, and kept values are scaled by 1 / ctx.keep_prob.
     seed, offset: Philox key (int < 2**64) and counter word (int < 2**32). With both
     None the global generator (cuflash.manual_seed) supplies them and advances.
+    generator: a cuflash.DeviceGenerator instead of seed/offset (passing both raises
+    ValueError), GPU arrays only: with dropout_p > 0 a kernel on the current stream
+    snapshots its device state for this call (ctx.rng_state; ctx.seed and ctx.offset
+    are None, ctx.get_seed_offset() reads the values) and advances it, with no host
+    synchronization, so forward and backward can be captured in a CUDA graph and every
+    replay draws the next mask. With dropout_p == 0 it is left untouched.
     softmax_scale: defaults to 1 / sqrt(D).
     deterministic: make the backward bitwise reproducible run to run.
     """
+    q, k, v = _interop.as_array(q, "q"), _interop.as_array(k, "k"), _interop.as_array(v, "v")
     prob = _validate.check_qkv(q, k, v)
     flags = _validate.check_flags(causal=causal, deterministic=deterministic)
     p, threshold = _validate.check_dropout(dropout_p)
     scale = _validate.check_scale(softmax_scale, prob.head_dim)
     if p > 0.0:
         _validate.check_mask_shape(prob.batch, prob.nheads)
-    seed, offset = _resolve_rng(p, seed, offset)
+    _check_generator(generator, seed, offset, prob.xp_name)
+    if generator is None:
+        seed, offset = _resolve_rng(p, seed, offset)
+    elif q.device.id != generator.device_id:
+        raise ValueError(f"generator's state is on device {generator.device_id} but q is on device {q.device.id}")
     keep_prob = _mask.keep_probability(threshold)
+    rng_state = None
 
     if prob.xp_name == "cupy":
         from . import _attn_gpu
 
+        if generator is not None and threshold > 0:
+            rng_state = generator.draw()
         out, lse = _attn_gpu.forward(
             prob, q, k, v, softmax_scale=scale, causal=flags["causal"],
-            seed=seed or 0, offset=offset or 0, threshold=threshold,
+            seed=seed or 0, offset=offset or 0, threshold=threshold, rng_state=rng_state,
         )
     else:
         keep = None
@@ -147,7 +207,7 @@ def attention_forward(
     ctx = AttentionContext(
         q=q, k=k, v=v, out=out, lse=lse, softmax_scale=scale, causal=flags["causal"],
         deterministic=flags["deterministic"], dropout_p=p, keep_prob=keep_prob, threshold=threshold,
-        seed=seed, offset=offset,
+        seed=seed, offset=offset, rng_state=rng_state,
     )
     return out, ctx
 
@@ -155,16 +215,22 @@ def attention_forward(
 def attention_backward(dout: Array, ctx: AttentionContext) -> tuple[Array, Array, Array]:
     """Gradients ``(dq, dk, dv)`` of the forward recorded in ``ctx``, given dout = dL/dout.
 
-    dout: (B, Sq, H, D), same array library, device and dtype as the forward's out.
+    dout: (B, Sq, H, D), same device and dtype as the forward's out, last dim
+    contiguous: a CuPy array, or (GPU path) any DLPack / __cuda_array_interface__ GPU
+    array, wrapped without a copy. NumPy for a NumPy forward.
     dq has q's shape; dk, dv have k's and v's shape (summed over the query heads that
-    share a kv head under GQA). Dropout regenerates the forward's mask from
-    (ctx.seed, ctx.offset); nothing of size Sq x Sk was stored.
+    share a kv head under GQA), CuPy arrays on the GPU path. Dropout regenerates the
+    forward's mask from (ctx.seed, ctx.offset), or from ctx.rng_state (read on the
+    device) when a DeviceGenerator drew it; nothing of size Sq x Sk was stored. Runs on
+    CuPy's current stream, which must be ordered after the forward's.
     """
     if not isinstance(ctx, AttentionContext):
         raise TypeError(f"ctx must be the AttentionContext from attention_forward, got {type(ctx).__name__}")
+    dout = _interop.as_array(dout, "dout")
     mod = _validate.array_module_name(dout)
     if mod is None:
-        raise TypeError(f"dout must be a CuPy or NumPy array, got {type(dout).__name__}")
+        raise TypeError(f"dout must be a CuPy or NumPy array, or a GPU array with DLPack or "
+                        f"__cuda_array_interface__, got {type(dout).__name__}")
     if mod != _validate.array_module_name(ctx.out):
         raise TypeError(f"dout is a {mod} array but the forward ran on {_validate.array_module_name(ctx.out)} arrays")
     if dout.shape != ctx.out.shape:
@@ -206,11 +272,12 @@ def attention(
     seed: int | None = None,
     offset: int | None = None,
     deterministic: bool = False,
+    generator: _generator.DeviceGenerator | None = None,
 ) -> Array:
     """Attention output only: ``attention_forward(...)[0]``. Shapes as there."""
     out, _ = attention_forward(
         q, k, v, dropout_p=dropout_p, causal=causal, softmax_scale=softmax_scale,
-        seed=seed, offset=offset, deterministic=deterministic,
+        seed=seed, offset=offset, deterministic=deterministic, generator=generator,
     )
     return out
 
