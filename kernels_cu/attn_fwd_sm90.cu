@@ -12,6 +12,7 @@
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
 #include "dropout.cuh"
+#include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
@@ -225,19 +226,6 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   // Epilogue: out = acc_o * drop_scale / l_i; lse = (m_i + log2 l_i) * ln 2.
   float row_mul[2], row_lse[2];
   sm.finalize(drop_scale, row_mul, row_lse);
-  elem_t* o_base = out + b * o_st.b + h * o_st.h;
-#pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    const long long i = row_lo + 8 * rh;
-    if (i >= seqlen_q) continue;  // tail rows of the last query block
-    elem_t* o_row = o_base + i * o_st.s;
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      const int d = dt * 8 + 2 * (lane & 3);
-      if (d < head_dim)  // padded head dims are computed but not stored
-        *reinterpret_cast<unsigned*>(o_row + d) =
-            pack2<elem_t>(acc_o[dt][2 * rh] * row_mul[rh], acc_o[dt][2 * rh + 1] * row_mul[rh]);
-    }
-    if ((lane & 3) == 0) lse[static_cast<long long>(bh) * seqlen_q + i] = row_lse[rh];
-  }
+  store_rows(acc_o, row_mul, row_lse, out + b * o_st.b + h * o_st.h, o_st.s,
+             lse + static_cast<long long>(bh) * seqlen_q, row_lo, seqlen_q, head_dim);
 }

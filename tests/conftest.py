@@ -25,3 +25,19 @@ def cp():
     import cupy
 
     return cupy
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every buffer a kernel must fully write starts as NaN (0xFF bytes in every float
+    format), so an element a kernel forgets fails the comparison."""
+    import cupy
+
+    from cuflash import _attn_gpu
+
+    def poisoned(shape, dtype):
+        a = cupy.empty(shape, dtype=dtype)
+        a.view(cupy.uint8).fill(0xFF)
+        return a
+
+    monkeypatch.setattr(_attn_gpu, "_empty", poisoned)
