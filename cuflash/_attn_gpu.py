@@ -9,7 +9,8 @@ import os
 import numpy as np
 
 from ._compile import get_function
-from ._config import SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles, fwd_variant, padded_head_dim
+from ._config import (SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles, fwd_variant,
+                      padded_head_dim)
 from .mask import keep_probability
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -31,6 +32,41 @@ def use_hopper_forward(padded_dim: int) -> bool:
     if os.environ.get("CUFLASH_DISABLE_SM90", "") == "1" or padded_dim not in SM90_FWD_HEAD_DIMS:
         return False
     return cupy.cuda.Device().compute_capability == "90"
+
+
+def use_hopper_backward(padded_dim: int) -> bool:
+    """Whether the backward runs the sm_90a wgmma kernel (same rule as use_hopper_forward)."""
+    import cupy
+
+    if os.environ.get("CUFLASH_DISABLE_SM90", "") == "1" or padded_dim not in SM90_BWD_HEAD_DIMS:
+        return False
+    return cupy.cuda.Device().compute_capability == "90"
+
+
+def _resident_ctas(fn, threads: int, smem: int) -> int:
+    """How many CTAs of `fn` the whole device holds at once (occupancy x SM count)."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem)
+    return max(1, per_sm) * cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+# deterministic=True keeps one fp32 dQ accumulator per split; past this many bytes of them
+# the backward takes fewer splits (and less parallelism) rather than more memory.
+DETERMINISTIC_DQ_BYTES = 4 << 30
+
+
+def dq_splits(n_kblocks: int, bh: int, resident: int, dq_bytes: int) -> int:
+    """Splits of a deterministic backward. CTA (split, b, h) walks key blocks split,
+    split + splits, ...; the run takes about ceil(splits * bh / resident) waves of
+    ceil(n_kblocks / splits) key blocks. Take the fewest splits (each costs one fp32 dQ
+    accumulator) within 5 % of the best such estimate, and at most
+    DETERMINISTIC_DQ_BYTES of accumulators."""
+    cap = max(1, min(n_kblocks, DETERMINISTIC_DQ_BYTES // max(dq_bytes, 1)))
+    cost = {s: -(-s * bh // resident) * -(-n_kblocks // s) for s in range(1, cap + 1)}
+    best = min(cost.values())
+    return min(s for s, c in cost.items() if c <= 1.05 * best)
 
 
 def _smem_limit() -> int:
@@ -98,8 +134,9 @@ def backward(dout, ctx):
     (B, Sq, H, D), (Sk, Hk) = q.shape, k.shape[1:3]  # validated by the forward
     group = H // Hk
     d_pad = padded_head_dim(D)
-    tiles = bwd_tiles(d_pad, _smem_limit())
-    variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0, tiles)
+    hopper = use_hopper_backward(d_pad)
+    tiles = bwd_tiles(d_pad, _smem_limit(), hopper)
+    variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0, tiles, hopper)
     tail = _tail_args(q_start=ctx.q_start, k_start=ctx.k_start,
                       causal_diag=Sk - Sq if ctx.causal_diag is None else ctx.causal_diag,
                       seed=ctx.seed or 0, offset=ctx.offset or 0, rng_state=ctx.rng_state, threshold=ctx.threshold)
@@ -112,7 +149,6 @@ def backward(dout, ctx):
         (dout, ctx.out, delta, *_strides(dout), *_strides(ctx.out), np.int32(H), np.int64(Sq), np.int32(D),
          np.int64(rows)))
 
-    dq_accum = cupy.zeros((B, H, Sq, d_pad), dtype=cupy.float32)
     dk = _empty((B, Sk, Hk, D), k.dtype)
     dv = _empty((B, Sk, Hk, D), v.dtype)
     if group > 1:
@@ -120,15 +156,24 @@ def backward(dout, ctx):
         dv_part = _empty((B, Sk, H, D), cupy.float32)
     else:
         dk_part = dv_part = None
-    n_mblocks = -(-Sq // tiles.block_m)
-    turn = cupy.zeros((B * H, n_mblocks), dtype=cupy.int32) if ctx.deterministic else None
     null = np.uintp(0)
-    smem = tiles.smem_bytes(d_pad, "bwd")
+    smem = tiles.smem_bytes(d_pad, "bwd_sm90" if hopper else "bwd")
     fn = get_function(variant, "attn_bwd_kernel", dynamic_smem=smem)
-    fn((-(-Sk // tiles.block_n), B * H, 1), (32 * tiles.warps,), (
+    threads = 32 * tiles.warps
+    n_kblocks = -(-Sk // tiles.block_n)
+    split_stride = B * H * Sq * d_pad  # elements of one dQ accumulator
+    if ctx.deterministic:
+        # One CTA per (split, b, h) walks key blocks split, split + splits, ...; each split's
+        # accumulator then has one writer per element (see attn_bwd.cu).
+        splits = dq_splits(n_kblocks, B * H, _resident_ctas(fn, threads, smem), 4 * split_stride)
+        workers = splits
+    else:
+        splits, workers, split_stride = 1, n_kblocks, 0  # one CTA per key block, atomics into one accumulator
+    dq_accum = cupy.zeros((splits, B, H, Sq, d_pad), dtype=cupy.float32)
+    fn((workers, B * H, 1), (threads,), (
         q, k, v, dout, ctx.lse, delta, dq_accum, dk, dv,
         dk_part if dk_part is not None else null, dv_part if dv_part is not None else null,
-        turn if turn is not None else null,
+        np.int64(split_stride),
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         np.int32(H), np.int32(group), np.int64(Sq), np.int64(Sk), np.int32(D),
         np.float32(ctx.softmax_scale * _LOG2E), np.float32(ctx.softmax_scale), *tail,
@@ -139,7 +184,7 @@ def backward(dout, ctx):
     get_function(variant, "attn_bwd_dq_kernel")(
         (-(-total // 256),), (256,),
         (dq_accum, dq, *_strides(dq), np.int32(H), np.int64(Sq), np.int32(D), np.float32(ctx.softmax_scale),
-         np.int64(total)))
+         np.int64(total), np.int32(splits), np.int64(B * H * Sq * d_pad)))
     if group > 1:
         total = B * Sk * Hk * D
         get_function(variant, "attn_bwd_dkv_reduce_kernel")(
@@ -165,6 +210,8 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
                     get_function(fwd_variant(dt, dp, c, p, use_hopper_forward(dp)), "attn_fwd_kernel")
                     n += 1
                     if backward:
-                        get_function(bwd_variant(dt, dp, c, p, bwd_tiles(dp, _smem_limit())), "attn_bwd_kernel")
+                        hop = use_hopper_backward(dp)
+                        get_function(bwd_variant(dt, dp, c, p, bwd_tiles(dp, _smem_limit(), hop), hop),
+                                     "attn_bwd_kernel")
                         n += 1
     return n

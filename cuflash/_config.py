@@ -20,6 +20,7 @@ __all__ = [
     "padded_head_dim",
     "fwd_tiles",
     "SM90_FWD_HEAD_DIMS",
+    "SM90_BWD_HEAD_DIMS",
     "bwd_tiles",
     "fwd_variant",
     "bwd_variant",
@@ -68,6 +69,9 @@ class AttnTiles:
         """Dynamic shared memory of a forward or backward CTA (mirrors the kernels' carve-up)."""
         if kind == "fwd_sm90":  # sQ, two stages of sK and sV (128-byte swizzled), 1 KB alignment slack
             return 2 * head_dim * (self.block_m + 4 * self.block_n) + 1024
+        if kind == "bwd_sm90":  # sK, sV, two stages of (sQ, sdO), sdS^T, two stages of lse and delta, slack
+            return 2 * head_dim * (2 * self.block_n + 4 * self.block_m) + 2 * self.block_n * self.block_m \
+                + 16 * self.block_m + 1024
         ld = head_dim + 8  # kSmemPad: 16 bytes per row keep ldmatrix rows in distinct banks
         if kind == "fwd":  # sQ, sK, sV
             return 2 * ld * (self.block_m + 2 * self.block_n)
@@ -76,8 +80,10 @@ class AttnTiles:
                 + 2 * 2 * self.block_m * (self.block_n + 8) + 8 * self.block_m)
 
 
-# Head dims the Hopper (sm_90a, wgmma) forward is built for; others use the sm_80 kernel.
+# Head dims the Hopper (sm_90a, wgmma) forward and backward are built for; others use the
+# sm_80 kernels.
 SM90_FWD_HEAD_DIMS = (64, 128)
+SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False) -> AttnTiles:
@@ -96,8 +102,13 @@ def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False) -> Att
     return AttnTiles(block_m=64, block_n=64 if head_dim <= 128 else 32, warps=4)
 
 
-def bwd_tiles(head_dim: int, smem_limit: int | None = None) -> AttnTiles:
-    """Backward tiles; Q/dO double buffered unless that passes smem_limit (bytes per block)."""
+def bwd_tiles(head_dim: int, smem_limit: int | None = None, hopper: bool = False) -> AttnTiles:
+    """Backward tiles; Q/dO double buffered unless that passes smem_limit (bytes per block).
+    hopper: the sm_90a kernel (head dims in SM90_BWD_HEAD_DIMS)."""
+    if hopper:
+        # two warpgroups x 64 keys share each 64-row Q/dO block (wgmma m64 over keys, n64
+        # over queries); dK and dV of 64 keys x head_dim stay in each warpgroup's registers
+        return AttnTiles(block_m=64, block_n=128, warps=8, stages=2)
     tiles = _bwd_tiles(head_dim, stages=2)
     if smem_limit is not None and tiles.smem_bytes(head_dim, "bwd") > smem_limit:
         tiles = _bwd_tiles(head_dim, stages=1)
@@ -137,11 +148,20 @@ def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: 
                          _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim)))
 
 
-def bwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: AttnTiles | None = None) -> KernelVariant:
-    """The backward kernels (main, delta, dq cast, GQA dk/dv reduce) for a padded head dim."""
+def bwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: AttnTiles | None = None,
+                hopper: bool = False) -> KernelVariant:
+    """The backward kernels (main, delta, dq cast, GQA dk/dv reduce) for a padded head dim;
+    hopper: the sm_90a wgmma main kernel (head dims in SM90_BWD_HEAD_DIMS only)."""
+    functions = ("attn_bwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkv_reduce_kernel")
+    if hopper:
+        if head_dim not in SM90_BWD_HEAD_DIMS:
+            raise ValueError(f"the sm_90a backward is built for head dims {SM90_BWD_HEAD_DIMS}, not {head_dim}")
+        return KernelVariant("attn_bwd_sm90.cu", functions,
+                             _attn_macros(dtype, head_dim, causal, dropout, bwd_tiles(head_dim, hopper=True)),
+                             hopper=True)
     return KernelVariant(
         "attn_bwd.cu",
-        ("attn_bwd_kernel", "attn_bwd_delta_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkv_reduce_kernel"),
+        functions,
         _attn_macros(dtype, head_dim, causal, dropout, tiles or bwd_tiles(head_dim)),
     )
 
@@ -160,6 +180,12 @@ def all_variants() -> list[KernelVariant]:
         fwd_variant(dtype, d, causal, dropout, hopper=True)
         for dtype in DTYPES
         for d in SM90_FWD_HEAD_DIMS
+        for causal in (False, True)
+        for dropout in (False, True)
+    ] + [
+        bwd_variant(dtype, d, causal, dropout, hopper=True)
+        for dtype in DTYPES
+        for d in SM90_BWD_HEAD_DIMS
         for causal in (False, True)
         for dropout in (False, True)
     ]

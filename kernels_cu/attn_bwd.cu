@@ -1,10 +1,15 @@
 // Fused attention backward (FlashAttention-2 schedule, sm_80 mma.sync path).
 //
 //   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
-//   dq_accum: (B, H, Sq, kHeadDim) fp32, zeroed; dk, dv: (B, Sk, Hk, D) in the input dtype,
-//   or, under GQA (group > 1), dk_part/dv_part: (B, Sk, H, D) fp32, reduced afterwards.
+//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed; dk, dv: (B, Sk, Hk, D) in the input
+//   dtype, or, under GQA (group > 1), dk_part/dv_part: (B, Sk, H, D) fp32, reduced afterwards.
 //
-// One CTA owns kBlockN keys of one (b, h) and walks the query blocks that see them.
+// A CTA owns key blocks blockIdx.x, blockIdx.x + gridDim.x, ... of one (b, h): kBlockN keys
+// each, walking the query blocks that see them. The default launch has one CTA per key
+// block, all adding dQ into split 0 with fp32 atomics (order varies run to run). The
+// deterministic launch has gridDim.x = splits CTAs per (b, h), CTA s adding only into
+// split s (dq_split_stride apart): every dQ element of a split then has one writer thread,
+// which adds in program order, and attn_bwd_dq_kernel sums the splits in index order.
 // Per query block: S = Q K^T, P = exp(S*scale - lse), dP = dO V^T, the forward's dropout
 // mask regenerated from (seed, offset) in the same fragment layout, then
 //   dV += (P∘keep·s)^T dO,  dS = P∘(dP∘keep·s − delta),  dK += dS^T Q,  dQ += dS K.
@@ -13,7 +18,9 @@
 // head dim 256 splits its accumulators over two warps.
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
+#include "attn_bwd_aux.cuh"
 #include "dropout.cuh"
+#include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 
@@ -30,21 +37,12 @@ static_assert(kQStages == 1 || kQStages == 2, "single or double buffered Q/dO");
 static_assert(kWarps % 4 == 0 && kBlockM == 64 && kBlockN == 16 * 4, "4 row slices of 16");
 static_assert(kSN % 16 == 0 && kDN % 16 == 0 && kDN % kDQChunk == 0, "whole 16-wide mma/dropout blocks");
 
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
 extern "C" __global__ void __launch_bounds__(kThreads)
 attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
                 const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                 float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
                 float* __restrict__ dk_part, float* __restrict__ dv_part,
-                int* __restrict__ dq_turn,  // (B*H, m blocks) turnstile; null = fp32 atomics
+                long long dq_split_stride,  // elements between splits: 0 (default) or B*H*Sq*kHeadDim
                 STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(do), STRIDE_ARGS(dkv),
                 int nheads, int group, long long seqlen_q, long long seqlen_k, int head_dim,
                 float scale_log2, float softmax_scale, SHARD_ARGS, RNG_ARGS) {
@@ -65,246 +63,153 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rs = warp & 3, dh = warp >> 2;
-  const long long n0 = static_cast<long long>(blockIdx.x) * kBlockN;
   const int bh = blockIdx.y, b = bh / nheads, h = bh % nheads, hk = h / group;
-  const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
   const int n_mblocks = static_cast<int>((seqlen_q + kBlockM - 1) / kBlockM);
-
-  load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kLd, k + b * k_st.b + hk * k_st.h + n0 * k_st.s, k_st.s,
-                                               rows_kv, head_dim);
-  load_tile_async<kBlockN, kHeadDim, kThreads>(sV, kLd, v + b * v_st.b + hk * v_st.h + n0 * v_st.s, v_st.s,
-                                               rows_kv, head_dim);
-  cp_async_commit();
-
-  float acc_dk[kDN / 8][4], acc_dv[kDN / 8][4];
-#pragma unroll
-  for (int t = 0; t < kDN / 8; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[t][e] = acc_dv[t][e] = 0.f;
-
+  const int n_kblocks = static_cast<int>((seqlen_k + kBlockN - 1) / kBlockN);
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
-  const long long first_q = first_query_seeing<kCausal>(n0, causal_diag);
-  const int m_begin = static_cast<int>(first_q / kBlockM);
+  float* dq_split = dq_accum + blockIdx.x * dq_split_stride;
 
-  // Q and dO of query block mb into stage st (Q at sQ0 + 2 st tiles, dO right after).
-  auto load_q_do = [&](int mb, int st) {
-    const long long m0 = static_cast<long long>(mb) * kBlockM;
-    const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
-    elem_t* sq = sQ0 + 2 * st * kBlockM * kLd;
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sq, kLd, q + b * q_st.b + h * q_st.h + m0 * q_st.s, q_st.s,
-                                                 rows_q, head_dim);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sq + kBlockM * kLd, kLd,
-                                                 dout + b * do_st.b + h * do_st.h + m0 * do_st.s, do_st.s, rows_q,
-                                                 head_dim);
-  };
-  if (kQStages == 2 && m_begin < n_mblocks) load_q_do(m_begin, 0);
-  cp_async_commit();
+  for (int nb = blockIdx.x; nb < n_kblocks; nb += gridDim.x) {
+    const long long n0 = static_cast<long long>(nb) * kBlockN;
+    const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
 
-  for (int mb = m_begin; mb < n_mblocks; ++mb) {
-    const long long m0 = static_cast<long long>(mb) * kBlockM;
-    const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
-    const int st = kQStages == 2 ? (mb - m_begin) & 1 : 0;
-    const elem_t* sQ = sQ0 + 2 * st * kBlockM * kLd;
-    const elem_t* sdO = sQ + kBlockM * kLd;
-    // Two stages: prefetch block mb+1 into the other one (the barrier that ended block mb-1
-    // freed it). One stage (GPUs with less shared memory): load block mb now.
-    if (kQStages == 1) {
-      load_q_do(mb, 0);
-    } else if (mb + 1 < n_mblocks) {
-      load_q_do(mb + 1, st ^ 1);
-    }
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kLd, k + b * k_st.b + hk * k_st.h + n0 * k_st.s, k_st.s,
+                                                 rows_kv, head_dim);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, kLd, v + b * v_st.b + hk * v_st.h + n0 * v_st.s, v_st.s,
+                                                 rows_kv, head_dim);
     cp_async_commit();
-    for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
-      const long long i = m0 + r;
-      const float l = i < seqlen_q ? lse[static_cast<long long>(bh) * seqlen_q + i] : CUFLASH_INF;
-      // An empty row (lse = -inf) or a tail row gets +inf, so P = exp2(-inf or x - inf) = 0.
-      sLse[r] = l == -CUFLASH_INF ? CUFLASH_INF : l * kLog2e;
-      sDelta[r] = i < seqlen_q ? delta[static_cast<long long>(bh) * seqlen_q + i] : 0.f;
-    }
-    cp_async_wait<kQStages - 1>();  // block mb's Q and dO (and K, V) have landed; mb+1's may be in flight
-    __syncthreads();  // Q, dO, lse, delta (and K, V on the first pass) visible to all warps
 
-    // S and dP for rows rs*16.. (queries) x keys dh*kSN..
-    float s[kSN / 8][4], dpv[kSN / 8][4];
+    float acc_dk[kDN / 8][4], acc_dv[kDN / 8][4];
 #pragma unroll
-    for (int t = 0; t < kSN / 8; ++t)
+    for (int t = 0; t < kDN / 8; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = dpv[t][e] = 0.f;
-    warp_gemm_ss<elem_t, kSN / 8, kHeadDim / 16, false, false>(s, sQ + rs * 16 * kLd, kLd, sK + dh * kSN * kLd, kLd);
-    warp_gemm_ss<elem_t, kSN / 8, kHeadDim / 16, false, false>(dpv, sdO + rs * 16 * kLd, kLd, sV + dh * kSN * kLd,
-                                                               kLd);
+      for (int e = 0; e < 4; ++e) acc_dk[t][e] = acc_dv[t][e] = 0.f;
 
-    const int r_lo = rs * 16 + (lane >> 2);
-    const long long j_base = n0 + dh * kSN;
-#pragma unroll
-    for (int t = 0; t < kSN / 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = r_lo + 8 * (e >> 1);
-        const long long j = j_base + 8 * t + 2 * (lane & 3) + (e & 1);
-        const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_k, causal_diag);
-        s[t][e] = vis ? exp2f(s[t][e] * scale_log2 - sLse[r]) : 0.f;  // P
-      }
-    float pd[kSN / 8][4];  // P∘keep·s (what the forward multiplied V by), and dP∘keep·s
-#pragma unroll
-    for (int t = 0; t < kSN / 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        pd[t][e] = s[t][e] * drop_scale;
-        dpv[t][e] *= drop_scale;
-      }
-    if constexpr (kDropout) {
-      const unsigned R = static_cast<unsigned>((q_start + m0 + rs * 16) >> 4);  // global 16-row block
-#pragma unroll
-      for (int c16 = 0; c16 < kSN / 16; ++c16) {
-        const uint4 w = dropout_block_words(dp, b, h, R, static_cast<unsigned>(((k_start + j_base) >> 4) + c16), lane);
-        apply_keep(pd[2 * c16], w.x, w.y, threshold);
-        apply_keep(pd[2 * c16 + 1], w.z, w.w, threshold);
-        apply_keep(dpv[2 * c16], w.x, w.y, threshold);
-        apply_keep(dpv[2 * c16 + 1], w.z, w.w, threshold);
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kSN / 8; ++t)
-#pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        const int r = r_lo + 8 * rh;
-        const int c = dh * kSN + 8 * t + 2 * (lane & 3);
-        const float dl = sDelta[r];
-        *reinterpret_cast<unsigned*>(sP + r * kLdP + c) = pack2<elem_t>(pd[t][2 * rh], pd[t][2 * rh + 1]);
-        *reinterpret_cast<unsigned*>(sdS + r * kLdP + c) =
-            pack2<elem_t>(s[t][2 * rh] * (dpv[t][2 * rh] - dl), s[t][2 * rh + 1] * (dpv[t][2 * rh + 1] - dl));
-      }
-    __syncthreads();  // P and dS tiles complete before any warp reads them transposed
+    const long long first_q = first_query_seeing<kCausal>(n0, causal_diag);
+    const int m_begin = static_cast<int>(first_q / kBlockM);
 
-    // dV += Pd^T dO and dK += dS^T Q for key rows rs*16.., head-dim columns dh*kDN..
-    warp_gemm_ss<elem_t, kDN / 8, kBlockM / 16, true, true>(acc_dv, sP + rs * 16, kLdP, sdO + dh * kDN, kLd);
-    warp_gemm_ss<elem_t, kDN / 8, kBlockM / 16, true, true>(acc_dk, sdS + rs * 16, kLdP, sQ + dh * kDN, kLd);
+    // Q and dO of query block mb into stage st (Q at sQ0 + 2 st tiles, dO right after).
+    auto load_q_do = [&](int mb, int st) {
+      const long long m0 = static_cast<long long>(mb) * kBlockM;
+      const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+      elem_t* sq = sQ0 + 2 * st * kBlockM * kLd;
+      load_tile_async<kBlockM, kHeadDim, kThreads>(sq, kLd, q + b * q_st.b + h * q_st.h + m0 * q_st.s, q_st.s,
+                                                   rows_q, head_dim);
+      load_tile_async<kBlockM, kHeadDim, kThreads>(sq + kBlockM * kLd, kLd,
+                                                   dout + b * do_st.b + h * do_st.h + m0 * do_st.s, do_st.s, rows_q,
+                                                   head_dim);
+    };
+    if (kQStages == 2 && m_begin < n_mblocks) load_q_do(m_begin, 0);
+    cp_async_commit();
 
-    // dQ += dS K for query rows rs*16.., head-dim columns dh*kDN.., kDQChunk at a time.
-    int* turn = dq_turn ? dq_turn + static_cast<long long>(bh) * n_mblocks + mb : nullptr;
-    if (turn) {
-      // Deterministic mode: key blocks add into this query block in order 0, 1, 2, ...
-      // (block n is the n-th contributor of every query block it touches). Lower key
-      // blocks were scheduled earlier, so the wait always ends.
-      if (threadIdx.x == 0)
-        while (ld_acquire(turn) != static_cast<int>(blockIdx.x)) {
-        }
-      __syncthreads();  // the whole CTA waits for its turn
-    }
-    float* dq_rows = dq_accum + (static_cast<long long>(bh) * seqlen_q + m0) * kHeadDim;
+    for (int mb = m_begin; mb < n_mblocks; ++mb) {
+      const long long m0 = static_cast<long long>(mb) * kBlockM;
+      const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+      const int st = kQStages == 2 ? (mb - m_begin) & 1 : 0;
+      const elem_t* sQ = sQ0 + 2 * st * kBlockM * kLd;
+      const elem_t* sdO = sQ + kBlockM * kLd;
+      // Two stages: prefetch block mb+1 into the other one (the barrier that ended block mb-1
+      // freed it). One stage (GPUs with less shared memory): load block mb now.
+      if (kQStages == 1) {
+        load_q_do(mb, 0);
+      } else if (mb + 1 < n_mblocks) {
+        load_q_do(mb + 1, st ^ 1);
+      }
+      cp_async_commit();
+      for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
+        const long long i = m0 + r;
+        const float l = i < seqlen_q ? lse[static_cast<long long>(bh) * seqlen_q + i] : CUFLASH_INF;
+        // An empty row (lse = -inf) or a tail row gets +inf, so P = exp2(-inf or x - inf) = 0.
+        sLse[r] = l == -CUFLASH_INF ? CUFLASH_INF : l * kLog2e;
+        sDelta[r] = i < seqlen_q ? delta[static_cast<long long>(bh) * seqlen_q + i] : 0.f;
+      }
+      cp_async_wait<kQStages - 1>();  // block mb's Q and dO (and K, V) have landed; mb+1's may be in flight
+      __syncthreads();  // Q, dO, lse, delta (and K, V on the first pass) visible to all warps
+
+      // S and dP for rows rs*16.. (queries) x keys dh*kSN..
+      float s[kSN / 8][4], dpv[kSN / 8][4];
 #pragma unroll
-    for (int c0 = 0; c0 < kDN; c0 += kDQChunk) {
-      float acc_dq[kDQChunk / 8][4];
+      for (int t = 0; t < kSN / 8; ++t)
 #pragma unroll
-      for (int t = 0; t < kDQChunk / 8; ++t) acc_dq[t][0] = acc_dq[t][1] = acc_dq[t][2] = acc_dq[t][3] = 0.f;
-      warp_gemm_ss<elem_t, kDQChunk / 8, kBlockN / 16, false, true>(acc_dq, sdS + rs * 16 * kLdP, kLdP,
-                                                                     sK + dh * kDN + c0, kLd);
+        for (int e = 0; e < 4; ++e) s[t][e] = dpv[t][e] = 0.f;
+      warp_gemm_ss<elem_t, kSN / 8, kHeadDim / 16, false, false>(s, sQ + rs * 16 * kLd, kLd, sK + dh * kSN * kLd, kLd);
+      warp_gemm_ss<elem_t, kSN / 8, kHeadDim / 16, false, false>(dpv, sdO + rs * 16 * kLd, kLd, sV + dh * kSN * kLd,
+                                                                 kLd);
+
+      const int r_lo = rs * 16 + (lane >> 2);
+      const long long j_base = n0 + dh * kSN;
 #pragma unroll
-      for (int t = 0; t < kDQChunk / 8; ++t)
+      for (int t = 0; t < kSN / 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = r_lo + 8 * (e >> 1);
-          if (r >= rows_q) continue;  // tail rows of the last query block
-          float* dst = dq_rows + static_cast<long long>(r) * kHeadDim + dh * kDN + c0 + 8 * t + 2 * (lane & 3) + (e & 1);
-          if (turn) {
-            __stcg(dst, __ldcg(dst) + acc_dq[t][e]);  // L2-coherent: the previous block wrote it
-          } else {
+          const long long j = j_base + 8 * t + 2 * (lane & 3) + (e & 1);
+          const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_k, causal_diag);
+          s[t][e] = vis ? exp2f(s[t][e] * scale_log2 - sLse[r]) : 0.f;  // P
+        }
+      float pd[kSN / 8][4];  // P∘keep·s (what the forward multiplied V by), and dP∘keep·s
+#pragma unroll
+      for (int t = 0; t < kSN / 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          pd[t][e] = s[t][e] * drop_scale;
+          dpv[t][e] *= drop_scale;
+        }
+      if constexpr (kDropout) {
+        const unsigned R = static_cast<unsigned>((q_start + m0 + rs * 16) >> 4);  // global 16-row block
+#pragma unroll
+        for (int c16 = 0; c16 < kSN / 16; ++c16) {
+          const unsigned C = static_cast<unsigned>(((k_start + j_base) >> 4) + c16);
+          const uint4 w = dropout_block_words(dp, b, h, R, C, lane);
+          apply_keep(pd[2 * c16], w.x, w.y, threshold);
+          apply_keep(pd[2 * c16 + 1], w.z, w.w, threshold);
+          apply_keep(dpv[2 * c16], w.x, w.y, threshold);
+          apply_keep(dpv[2 * c16 + 1], w.z, w.w, threshold);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kSN / 8; ++t)
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+          const int r = r_lo + 8 * rh;
+          const int c = dh * kSN + 8 * t + 2 * (lane & 3);
+          const float dl = sDelta[r];
+          *reinterpret_cast<unsigned*>(sP + r * kLdP + c) = pack2<elem_t>(pd[t][2 * rh], pd[t][2 * rh + 1]);
+          *reinterpret_cast<unsigned*>(sdS + r * kLdP + c) =
+              pack2<elem_t>(s[t][2 * rh] * (dpv[t][2 * rh] - dl), s[t][2 * rh + 1] * (dpv[t][2 * rh + 1] - dl));
+        }
+      __syncthreads();  // P and dS tiles complete before any warp reads them transposed
+
+      // dV += Pd^T dO and dK += dS^T Q for key rows rs*16.., head-dim columns dh*kDN..
+      warp_gemm_ss<elem_t, kDN / 8, kBlockM / 16, true, true>(acc_dv, sP + rs * 16, kLdP, sdO + dh * kDN, kLd);
+      warp_gemm_ss<elem_t, kDN / 8, kBlockM / 16, true, true>(acc_dk, sdS + rs * 16, kLdP, sQ + dh * kDN, kLd);
+
+      // dQ += dS K for query rows rs*16.., head-dim columns dh*kDN.., kDQChunk at a time.
+      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0) * kHeadDim;
+#pragma unroll
+      for (int c0 = 0; c0 < kDN; c0 += kDQChunk) {
+        float acc_dq[kDQChunk / 8][4];
+#pragma unroll
+        for (int t = 0; t < kDQChunk / 8; ++t) acc_dq[t][0] = acc_dq[t][1] = acc_dq[t][2] = acc_dq[t][3] = 0.f;
+        warp_gemm_ss<elem_t, kDQChunk / 8, kBlockN / 16, false, true>(acc_dq, sdS + rs * 16 * kLdP, kLdP,
+                                                                       sK + dh * kDN + c0, kLd);
+#pragma unroll
+        for (int t = 0; t < kDQChunk / 8; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = r_lo + 8 * (e >> 1);
+            if (r >= rows_q) continue;  // tail rows of the last query block
+            const int d = dh * kDN + c0 + 8 * t + 2 * (lane & 3) + (e & 1);
+            float* dst = dq_rows + static_cast<long long>(r) * kHeadDim + d;
             atomicAdd(dst, acc_dq[t][e]);
           }
-        }
-    }
-    if (turn) {
-      __threadfence();  // this block's dQ adds are visible device-wide before the next turn
-      __syncthreads();
-      if (threadIdx.x == 0) st_release(turn, static_cast<int>(blockIdx.x) + 1);
-    }
-    __syncthreads();  // every warp is done with Q, dO, P, dS before the next block overwrites them
-  }
-  cp_async_wait<0>();  // K, V copies must land even if no query block touched them
-
-  // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
-#pragma unroll
-  for (int t = 0; t < kDN / 8; ++t)
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const int r = rs * 16 + (lane >> 2) + 8 * rh;
-      const int d = dh * kDN + 8 * t + 2 * (lane & 3);
-      if (r >= rows_kv || d >= head_dim) continue;  // key tail, padded head dim
-      const long long j = n0 + r;
-      const float k0 = acc_dk[t][2 * rh] * softmax_scale, k1 = acc_dk[t][2 * rh + 1] * softmax_scale;
-      const float v0 = acc_dv[t][2 * rh], v1 = acc_dv[t][2 * rh + 1];
-      if (dk_part) {  // GQA: one fp32 slice per query head, summed in a fixed order later
-        const long long o = ((static_cast<long long>(b) * seqlen_k + j) * nheads + h) * head_dim + d;
-        *reinterpret_cast<float2*>(dk_part + o) = make_float2(k0, k1);
-        *reinterpret_cast<float2*>(dv_part + o) = make_float2(v0, v1);
-      } else {
-        const long long o = b * dkv_st.b + j * dkv_st.s + hk * dkv_st.h + d;
-        *reinterpret_cast<unsigned*>(dk + o) = pack2<elem_t>(k0, k1);
-        *reinterpret_cast<unsigned*>(dv + o) = pack2<elem_t>(v0, v1);
       }
+      __syncthreads();  // every warp is done with Q, dO, P, dS before the next block overwrites them
     }
-}
+    cp_async_wait<0>();  // K, V copies must land even if no query block touched them
 
-// delta = rowsum(dO ∘ O) in fp32, one warp per (b, h, row): (B, H, Sq).
-extern "C" __global__ void attn_bwd_delta_kernel(const elem_t* __restrict__ dout, const elem_t* __restrict__ out,
-                                                 float* __restrict__ delta, STRIDE_ARGS(do), STRIDE_ARGS(o),
-                                                 int nheads, long long seqlen_q, int head_dim, long long rows) {
-  STRIDES(do);
-  STRIDES(o);
-
-  const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;  // whole warps exit together
-  const long long i = row % seqlen_q;
-  const int bh = static_cast<int>(row / seqlen_q), b = bh / nheads, h = bh % nheads;
-  const elem_t* a = dout + b * do_st.b + h * do_st.h + i * do_st.s;
-  const elem_t* o = out + b * o_st.b + h * o_st.h + i * o_st.s;
-  float acc = 0.f;
-  for (int d = lane; d < head_dim; d += 32) acc += to_float(a[d]) * to_float(o[d]);
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-  if (lane == 0) delta[row] = acc;
-}
-
-// dq = softmax_scale * dq_accum, cast to the input dtype: (B, H, Sq, kHeadDim) fp32 -> (B, Sq, H, D).
-extern "C" __global__ void attn_bwd_dq_kernel(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
-                                              STRIDE_ARGS(dq), int nheads, long long seqlen_q, int head_dim,
-                                              float softmax_scale, long long total) {
-  STRIDES(dq);
-
-  const long long e = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // one pair of columns
-  if (e >= total) return;
-  const int pairs = head_dim / 2;
-  const int d = static_cast<int>(e % pairs) * 2;
-  const long long row = e / pairs, i = row % seqlen_q;
-  const int bh = static_cast<int>(row / seqlen_q), b = bh / nheads, h = bh % nheads;
-  const float* src = dq_accum + row * kHeadDim + d;
-  *reinterpret_cast<unsigned*>(dq + b * dq_st.b + i * dq_st.s + h * dq_st.h + d) =
-      pack2<elem_t>(src[0] * softmax_scale, src[1] * softmax_scale);
-}
-
-// GQA: dk[b, j, hk] = sum over the group's query heads of dk_part[b, j, h], in head order.
-extern "C" __global__ void attn_bwd_dkv_reduce_kernel(const float* __restrict__ dk_part,
-                                                      const float* __restrict__ dv_part, elem_t* __restrict__ dk,
-                                                      elem_t* __restrict__ dv, STRIDE_ARGS(dkv), int nheads,
-                                                      int group, long long seqlen_k, int head_dim, long long total) {
-  STRIDES(dkv);
-
-  const long long e = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;  // over (B, Sk, Hk, D)
-  if (e >= total) return;
-  const int nheads_k = nheads / group;
-  const int d = static_cast<int>(e % head_dim);
-  const int hk = static_cast<int>((e / head_dim) % nheads_k);
-  const long long bj = e / (static_cast<long long>(head_dim) * nheads_k);  // b * Sk + j
-  float sk = 0.f, sv = 0.f;
-  for (int g = 0; g < group; ++g) {  // fixed order: bitwise reproducible
-    const long long o = (bj * nheads + hk * group + g) * head_dim + d;
-    sk += dk_part[o];
-    sv += dv_part[o];
-  }
-  const long long b = bj / seqlen_k, j = bj % seqlen_k;
-  const long long o = b * dkv_st.b + j * dkv_st.s + hk * dkv_st.h + d;
-  dk[o] = static_cast<elem_t>(sk);
-  dv[o] = static_cast<elem_t>(sv);
+    // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
+    store_dkv_rows<elem_t, kDN / 8>(acc_dk, acc_dv, n0 + rs * 16 + (lane >> 2), dh * kDN, dk, dv, dk_part, dv_part,
+                                    dkv_st, b, h, hk, nheads, seqlen_k, head_dim, softmax_scale);
+  }  // key blocks: the m loop ended on a barrier, so the next block's K/V loads may overwrite sK, sV
 }

@@ -10,6 +10,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
                ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem), "r"(valid ? 16 : 0));
 }
 
+// Copy 4 bytes (or write 4 zero bytes when !valid; src must still be mapped).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem), "r"(valid ? 4 : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>

@@ -90,4 +90,39 @@ __device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsi
   f[3] = (k1 & 2u) ? f[3] : 0.f;
 }
 
+// The same mask in the transposed fragment: the Hopper backward computes S^T = K Q^T, so
+// its accumulator holds keys as rows. Over a 16x16 block lane t then owns keys t/4 and
+// t/4 + 8 (in-block c) and queries 2(t%4) + e and +8 (in-block r), e in {0, 1}: the
+// elements of Philox calls (2(t%4) + e) * 4 + t/8, e = 0 and 1, and of each call's words
+// only the halves (t/4) & 1. Lanes t and t^4 need the same two calls and opposite halves,
+// so each draws one call (e = (t/4) & 1) and the pair swaps the halves the other needs:
+// still one Philox call per thread per block, plus two shuffles.
+// Returns the keep bits of the block in accumulator order: bit 4*n8 + 2*hc + e is the
+// element of n8 tile n8 (query rows 8*n8.., in-block r >> 3 = n8) at key row hc*8 + t/4,
+// query column 2(t%4) + e -- flat index 4*n8 + 2*hc + e of the two m64 n8 tiles.
+__device__ __forceinline__ unsigned dropout_block_keep_t(const DropoutParams& dp, unsigned b, unsigned h,
+                                                         unsigned R, unsigned C, unsigned lane) {
+  const unsigned e_own = (lane >> 2) & 1u;  // also the word half this lane keeps (c & 1)
+  const uint4 w = dropout_block_words(dp, b, h, R, C, (2u * (lane & 3u) + e_own) * 4u + (lane >> 3));
+  // Halves (c & 1) of words x, y (key half hc = 0; r >> 3 = 0, 1) and of z, w (hc = 1).
+  const unsigned keep_sel = e_own ? 0x7632u : 0x5410u, give_sel = e_own ? 0x5410u : 0x7632u;
+  const unsigned mine0 = __byte_perm(w.x, w.y, keep_sel), mine1 = __byte_perm(w.z, w.w, keep_sel);
+  const unsigned theirs0 = __shfl_xor_sync(0xffffffffu, __byte_perm(w.x, w.y, give_sel), 4);
+  const unsigned theirs1 = __shfl_xor_sync(0xffffffffu, __byte_perm(w.z, w.w, give_sel), 4);
+  // v[e][hc]: low half for r >> 3 = 0, high half for r >> 3 = 1.
+  const unsigned v00 = e_own ? theirs0 : mine0, v01 = e_own ? theirs1 : mine1;
+  const unsigned v10 = e_own ? mine0 : theirs0, v11 = e_own ? mine1 : theirs1;
+  const unsigned t = dp.threshold;
+  unsigned bits = 0;
+#pragma unroll
+  for (int n8 = 0; n8 < 2; ++n8) {
+    const unsigned sh = 16u * n8;
+    bits |= (((v00 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 0);
+    bits |= (((v10 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 1);
+    bits |= (((v01 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 2);
+    bits |= (((v11 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 3);
+  }
+  return bits;
+}
+
 }  // namespace cuflash

@@ -72,6 +72,12 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Barrier among the 128 threads of warpgroup wg only (named barrier 1 + wg; barrier 0 is
+// __syncthreads), with the same memory ordering among them.
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+
 // Shared memory written through the generic proxy (st.shared, cp.async) becomes visible to
 // wgmma, which reads through the async proxy, only after this fence (then a barrier).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -107,13 +113,14 @@ struct WgmmaType<__nv_bfloat16> {
 
 // d (64 x N, fp32) (+)= A (64 x 16) * B (16 x N). SS: A and B from shared memory
 // (descriptors); RS: A from registers (the m16n8k16 A fragment of each warp's 16 rows).
-// accumulate = 0 overwrites d. TRANS_B = 1 reads B MN-major (V), 0 K-major (K).
-#define CUFLASH_WGMMA_SS(N, NR, TY, IA, IB, IACC, ITB)                                            \
+// accumulate = 0 overwrites d. TRANS_B = 1 reads B MN-major (V), 0 K-major (K); TRANS_A
+// likewise for a shared-memory A (1: the backward's dS, stored [key][query], as A of dS K).
+#define CUFLASH_WGMMA_SS(N, NR, TY, IA, IB, IACC, ITA, ITB)                                       \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IACC ", 0;\n"                                \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " CUFLASH_WGMMA_DSTR##NR \
-               ", %" IA ", %" IB ", p, 1, 1, 0, %" ITB ";\n}\n"                                    \
+               ", %" IA ", %" IB ", p, 1, 1, %" ITA ", %" ITB ";\n}\n"                             \
                : CUFLASH_WGMMA_D##NR                                                              \
-               : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B))
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_A), "n"(TRANS_B))
 #define CUFLASH_WGMMA_RS(N, NR, TY, IA0, IA1, IA2, IA3, IB, IACC, ITB)                           \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IACC ", 0;\n"                                \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " CUFLASH_WGMMA_DSTR##NR \
@@ -121,17 +128,17 @@ struct WgmmaType<__nv_bfloat16> {
                : CUFLASH_WGMMA_D##NR                                                              \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B))
 
-template <typename T, int N, int TRANS_B>
+template <typename T, int N, int TRANS_B, int TRANS_A = 0>
 struct Wgmma;
 
-template <typename T, int TRANS_B>
-struct Wgmma<T, 64, TRANS_B> {
+template <typename T, int TRANS_B, int TRANS_A>
+struct Wgmma<T, 64, TRANS_B, TRANS_A> {
   static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b,
                                             int accumulate) {
     if constexpr (WgmmaType<T>::kBf16) {
-      CUFLASH_WGMMA_SS(64, 32, "bf16", "32", "33", "34", "35");
+      CUFLASH_WGMMA_SS(64, 32, "bf16", "32", "33", "34", "35", "36");
     } else {
-      CUFLASH_WGMMA_SS(64, 32, "f16", "32", "33", "34", "35");
+      CUFLASH_WGMMA_SS(64, 32, "f16", "32", "33", "34", "35", "36");
     }
   }
   static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long desc_b,
@@ -144,14 +151,14 @@ struct Wgmma<T, 64, TRANS_B> {
   }
 };
 
-template <typename T, int TRANS_B>
-struct Wgmma<T, 128, TRANS_B> {
+template <typename T, int TRANS_B, int TRANS_A>
+struct Wgmma<T, 128, TRANS_B, TRANS_A> {
   static __device__ __forceinline__ void ss(float (&d)[64], unsigned long long desc_a, unsigned long long desc_b,
                                             int accumulate) {
     if constexpr (WgmmaType<T>::kBf16) {
-      CUFLASH_WGMMA_SS(128, 64, "bf16", "64", "65", "66", "67");
+      CUFLASH_WGMMA_SS(128, 64, "bf16", "64", "65", "66", "67", "68");
     } else {
-      CUFLASH_WGMMA_SS(128, 64, "f16", "64", "65", "66", "67");
+      CUFLASH_WGMMA_SS(128, 64, "f16", "64", "65", "66", "67", "68");
     }
   }
   static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], unsigned long long desc_b,

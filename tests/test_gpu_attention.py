@@ -45,7 +45,7 @@ CASES = [
 ]
 
 
-def run_case(cp, dt, d, causal, p, seqs, heads, rng):
+def run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=False):
     Sq, Sk = seqs
     H, Hk = heads
     B = 1 if Sq * Sk > 1 << 20 else 2
@@ -55,7 +55,8 @@ def run_case(cp, dt, d, causal, p, seqs, heads, rng):
     v = cp.asarray(rng.standard_normal((B, Sk, Hk, d)).astype(dtype))
     dout = cp.asarray(rng.standard_normal((B, Sq, H, d)).astype(dtype))
     seed = int(rng.integers(0, 2**63))
-    out, ctx = cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=seed, offset=3)
+    out, ctx = cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=seed, offset=3,
+                                         deterministic=deterministic)
     dq, dk, dv = cuflash.attention_backward(dout, ctx)
     keep = None
     if p > 0:
@@ -154,10 +155,11 @@ def test_dropout_unbiased(cp):
 
 @pytest.fixture(params=["default", "sm80"])
 def forward_path(request, monkeypatch):
-    """Run a test on the default forward (sm_90a wgmma on an H100 for head dims 64/128)
-    and again with the sm_80 kernel forced, so an H100 checks both."""
+    """Run a test on the default kernels (sm_90a wgmma forward and backward on an H100 for
+    head dims 64/128) and again with the sm_80 kernels forced, so an H100 checks both."""
     if request.param == "sm80":
         monkeypatch.setattr(_attn_gpu, "use_hopper_forward", lambda d: False)
+        monkeypatch.setattr(_attn_gpu, "use_hopper_backward", lambda d: False)
     return request.param
 
 
@@ -188,4 +190,18 @@ def test_both_forward_paths_match_reference(cp, forward_path, case):
     dt, d, causal, p, seqs, heads = case
     rng = np.random.default_rng(hash(case) % 2**32)
     res = run_case(cp, dt, d, causal, p, seqs, heads, rng)
+    print(forward_path, {k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})
+
+
+@pytest.mark.parametrize("case", [
+    ("float16", 64, True, 0.17, (1025, 1025), (2, 2)),
+    ("bfloat16", 128, False, 0.17, (200, 1025), (4, 2)),
+    ("float16", 96, True, 0.0, (300, 300), (2, 1)),
+])
+def test_deterministic_backward_matches_reference(cp, forward_path, case, monkeypatch):
+    # Several dQ splits (a small resident-CTA count forces them), summed in order after the kernel.
+    monkeypatch.setattr(_attn_gpu, "_resident_ctas", lambda fn, threads, smem: 64)
+    dt, d, causal, p, seqs, heads = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    res = run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=True)
     print(forward_path, {k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})

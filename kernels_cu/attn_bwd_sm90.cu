@@ -1,0 +1,288 @@
+// Fused attention backward, Hopper path (sm_90a): wgmma with the keys as the M dimension.
+//
+//   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
+//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed; dk, dv (or, under GQA, the fp32
+//   dk_part, dv_part) as in attn_bwd.cu, whose arguments, launch (key blocks strided by
+//   gridDim.x; dQ splits when deterministic) and results this kernel shares.
+//
+// A CTA owns kBlockN = 64 * kWarpgroups keys of one (b, h); warpgroup g owns keys 64g.. and
+// keeps their dK and dV (64 x D each, fp32) in registers while it walks the query blocks
+// (kBlockM = 64 rows) that see them. Per query block, per warpgroup:
+//   S^T  = K Q^T, dP^T = V dO^T           wgmma; K, V, Q, dO from shared memory, K-major
+//   P^T  = exp2(S^T * scale_log2 - lse * log2 e), masked; dropout keep bits of the
+//          transposed fragment (dropout.cuh), drawn while S^T and dP^T are on the tensor cores
+//   dS^T = P^T ∘ (dP^T∘keep·s − delta)
+//   dV  += (P^T∘keep·s) dO                wgmma; A from registers, dO read MN-major
+//   dK  += dS^T Q                         wgmma; dS^T staged in shared memory (K-major A),
+//                                         Q read MN-major
+//   dQ  += dS K(:, chunk)                 wgmma; the same dS^T tile read as an MN-major A;
+//                                         added to dq_accum by red.add.v2.f32
+// Warpgroup g computes dQ for the 64 head-dim columns of chunk g % kDQChunks over keys
+// kDQKeys * (g / kDQChunks)..: at hd 128 the two warpgroups split the columns and read the
+// dS of every key; at hd 64 each adds a partial over its own 64 keys.
+#include "attn_bwd_aux.cuh"
+#include "attn_config.cuh"
+#include "copy_sm80.cuh"
+#include "dropout.cuh"
+#include "epilogue.cuh"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+#include "wgmma_sm90.cuh"
+
+using namespace cuflash;
+
+constexpr int kWarpgroups = kWarps / 4;
+constexpr int kST = kBlockM / 8;       // n8 tiles of S^T per row (queries)
+constexpr int kDT = kHeadDim / 8;      // n8 tiles of dK, dV per row (head dim)
+constexpr int kQSteps = kBlockM / 16;  // k16 steps (queries) of dV += P^T dO and dK += dS^T Q
+constexpr int kDQChunks = kHeadDim / 64;                         // 64-column dQ chunks
+constexpr int kDQKeys = kBlockN * kDQChunks / kWarpgroups;        // keys one warpgroup's dQ sums over
+constexpr int kDQWriters = kWarpgroups / kDQChunks;               // warpgroups adding to one dQ element
+constexpr unsigned kTileQ = kBlockM * kHeadDim * 2;   // bytes of a Q or dO tile
+constexpr unsigned kTileKV = kBlockN * kHeadDim * 2;  // bytes of the K or V tile
+constexpr unsigned kTileS = kBlockN * kBlockM * 2;    // bytes of the dS^T tile
+constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swizzle atom
+static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
+static_assert(kBlockM == 64, "the query block is wgmma N of S^T and one 64-column swizzle chunk of dS^T");
+static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
+static_assert(kDQWriters >= 1 && kDQKeys % 16 == 0, "dQ chunks split evenly over the warpgroups");
+
+// dst[0..1] += (a, b) in one vector reduction (sm_90), performed in L2.
+__device__ __forceinline__ void red_add_v2(float* dst, float a, float b) {
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+                const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
+                float* __restrict__ dk_part, float* __restrict__ dv_part,
+                long long dq_split_stride,  // elements between splits: 0 (default) or B*H*Sq*kHeadDim
+                STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(do), STRIDE_ARGS(dkv),
+                int nheads, int group, long long seqlen_q, long long seqlen_k, int head_dim,
+                float scale_log2, float softmax_scale, SHARD_ARGS, RNG_ARGS) {
+  STRIDES(q);
+  STRIDES(k);
+  STRIDES(v);
+  STRIDES(do);
+  STRIDES(dkv);
+
+  // Swizzle atoms start on 1024-byte boundaries (Python adds kAtom bytes of slack).
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const unsigned raw_addr = smem_u32(smem_raw);
+  unsigned char* sK = smem_raw + (((raw_addr + kAtom - 1) & ~(kAtom - 1)) - raw_addr);
+  unsigned char* sV = sK + kTileKV;
+  unsigned char* sQ0 = sV + kTileKV;     // stage s: Q at sQ0 + 2 s kTileQ, dO right after
+  unsigned char* sdS = sQ0 + 4 * kTileQ;  // dS^T, [key][query]
+  float* sLse = reinterpret_cast<float*>(sdS + kTileS);  // [stage][query], as stored by the forward
+  float* sDelta = sLse + 2 * kBlockM;                     // [stage][query]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+  const int bh = blockIdx.y, b = bh / nheads, h = bh % nheads, hk = h / group;
+  const int n_mblocks = static_cast<int>((seqlen_q + kBlockM - 1) / kBlockM);
+  const int n_kblocks = static_cast<int>((seqlen_k + kBlockN - 1) / kBlockN);
+  const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
+  const bool deterministic = dq_split_stride != 0;
+  float* dq_split = dq_accum + blockIdx.x * dq_split_stride;
+
+  const elem_t* q_base = q + b * q_st.b + h * q_st.h;
+  const elem_t* do_base = dout + b * do_st.b + h * do_st.h;
+  const elem_t* k_base = k + b * k_st.b + hk * k_st.h;
+  const elem_t* v_base = v + b * v_st.b + hk * v_st.h;
+  const float* lse_row = lse + static_cast<long long>(bh) * seqlen_q;
+  const float* delta_row = delta + static_cast<long long>(bh) * seqlen_q;
+  const int dq_chunk = wg % kDQChunks, dq_key0 = (wg / kDQChunks) * kDQKeys, dq_turn = wg / kDQChunks;
+
+  // Q, dO, lse and delta of query block mb into stage st. Rows past Sq are zero-filled:
+  // their S and dP are then 0, P = exp2(0) is finite, and every product it enters (P^T dO,
+  // dS^T Q with dS = P (0 - 0)) is zero, so the tail needs no extra masking.
+  auto load_q_do = [&](int mb, int st) {
+    const long long m0 = static_cast<long long>(mb) * kBlockM;
+    const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+    unsigned char* sq = sQ0 + 2 * st * kTileQ;
+    load_tile_sw128_async<kBlockM, kHeadDim, kThreads>(sq, q_base + m0 * q_st.s, q_st.s, rows_q, head_dim);
+    load_tile_sw128_async<kBlockM, kHeadDim, kThreads>(sq + kTileQ, do_base + m0 * do_st.s, do_st.s, rows_q,
+                                                       head_dim);
+    if (threadIdx.x < 2 * kBlockM) {
+      const int r = threadIdx.x % kBlockM;
+      const bool is_delta = threadIdx.x >= kBlockM;
+      const float* src = is_delta ? delta_row : lse_row;
+      cp_async_4((is_delta ? sDelta : sLse) + st * kBlockM + r, r < rows_q ? src + m0 + r : src, r < rows_q);
+    }
+  };
+
+  for (int nb = blockIdx.x; nb < n_kblocks; nb += gridDim.x) {
+    const long long n0 = static_cast<long long>(nb) * kBlockN;
+    const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+    const int m_begin = static_cast<int>(first_query_seeing<kCausal>(n0, causal_diag) / kBlockM);
+    __syncthreads();  // the previous key block's wgmmas, in every warpgroup, are done with sK, sV
+    load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sK, k_base + n0 * k_st.s, k_st.s, rows_kv, head_dim);
+    load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sV, v_base + n0 * v_st.s, v_st.s, rows_kv, head_dim);
+    if (m_begin < n_mblocks) load_q_do(m_begin, 0);
+    cp_async_commit();
+
+    float acc_dk[kDT][4], acc_dv[kDT][4];
+#pragma unroll
+    for (int t = 0; t < kDT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[t][e] = acc_dv[t][e] = 0.f;
+    float(&dk_flat)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dk);
+    float(&dv_flat)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dv);
+
+    const long long key_w = n0 + wg * 64 + wq * 16;  // this warp's first key
+    const long long key_lo = key_w + (lane >> 2);     // this thread's first key; second is +8
+    const unsigned k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
+
+    for (int mb = m_begin; mb < n_mblocks; ++mb) {
+      const int st = (mb - m_begin) & 1;
+      const long long m0 = static_cast<long long>(mb) * kBlockM;
+      const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+      cp_async_wait<0>();
+      fence_proxy_async();
+      // Block mb's Q, dO, lse, delta (and K, V) are visible to every thread and to wgmma;
+      // every warpgroup has waited for all its wgmmas of block mb-1, so stage st^1 and sdS are free.
+      __syncthreads();
+      if (mb + 1 < n_mblocks) load_q_do(mb + 1, st ^ 1);
+      cp_async_commit();
+
+      // S^T = K Q^T and dP^T = V dO^T: head-dim step ks reads 32 bytes at (ks % 4) * 32 of
+      // 64-column chunk ks / 4 of each operand.
+      const unsigned q_addr = smem_u32(sQ0 + 2 * st * kTileQ), do_addr = q_addr + kTileQ;
+      float s[kST * 4], dps[kST * 4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        const unsigned koff = (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32, qoff = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
+        Wgmma<elem_t, kBlockM, 0>::ss(s, sw128_desc(k_addr + koff, 16, kAtom), sw128_desc(q_addr + qoff, 16, kAtom),
+                                      ks > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        const unsigned koff = (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32, qoff = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
+        Wgmma<elem_t, kBlockM, 0>::ss(dps, sw128_desc(v_addr + koff, 16, kAtom), sw128_desc(do_addr + qoff, 16, kAtom),
+                                      ks > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+
+      // Keep bits of this warp's 16 keys x 64 queries (bit i <-> accumulator element i), drawn
+      // while the tensor cores work: one Philox call per thread per 16x16 block.
+      unsigned keep = 0xffffffffu;
+      if constexpr (kDropout) {
+        const unsigned C = static_cast<unsigned>((k_start + key_w) >> 4);
+        const unsigned R0 = static_cast<unsigned>((q_start + m0) >> 4);
+        keep = 0;
+#pragma unroll 1  // one call's state live at a time: the dK, dV accumulators leave few registers
+        for (int r16 = 0; r16 < kBlockM / 16; ++r16) keep |= dropout_block_keep_t(dp, b, h, R0 + r16, C, lane) << (8 * r16);
+      }
+
+      wgmma_wait<1>();  // S^T done; dP^T may still run
+      fence_operands(s);
+      // Masking: only blocks that cross the key end or the causal diagonal need it.
+      const bool need_mask = (n0 + kBlockN > seqlen_k) || (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
+#pragma unroll
+      for (int i = 0; i < kST * 4; ++i) {
+        const int qc = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);  // query column of element i
+        const long long j = key_lo + 8 * ((i >> 1) & 1);
+        const float p = exp2f(s[i] * scale_log2 - sLse[st * kBlockM + qc] * kLog2e);
+        s[i] = (need_mask && !score_visible<kCausal>(m0 + qc, j, seqlen_k, causal_diag)) ? 0.f : p;
+      }
+
+      wgmma_wait<0>();  // dP^T done
+      fence_operands(dps);
+      // dS^T = P^T (dP^T keep s - delta) into dps; P^T keep s into s.
+#pragma unroll
+      for (int i = 0; i < kST * 4; ++i) {
+        const int qc = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+        const bool kept = !kDropout || ((keep >> i) & 1u);
+        const float dpk = kept ? dps[i] * drop_scale : 0.f;
+        dps[i] = s[i] * (dpk - sDelta[st * kBlockM + qc]);
+        s[i] = kept ? s[i] * drop_scale : 0.f;
+      }
+      // P^T keep s as A fragments (16 keys x 16 queries per k step); dS^T into shared memory.
+      // Register x of step ks is n8 tile 2 ks + x / 2, key row + 8 (x % 2).
+      unsigned pa[kQSteps][4];
+#pragma unroll
+      for (int ks = 0; ks < kQSteps; ++ks)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          pa[ks][x] = pack2<elem_t>(s[8 * ks + 2 * x], s[8 * ks + 2 * x + 1]);
+          const int kr = wg * 64 + wq * 16 + (lane >> 2) + 8 * (x & 1);
+          const int qc = 8 * (2 * ks + (x >> 1)) + 2 * (lane & 3);
+          *reinterpret_cast<unsigned*>(sdS + tile_sw128_offset<kBlockN>(kr, qc)) =
+              pack2<elem_t>(dps[8 * ks + 2 * x], dps[8 * ks + 2 * x + 1]);
+        }
+
+      // dV += (P^T keep s) dO: query step ks starts at row 16 ks of dO; LBO steps to the
+      // next 64 head-dim columns.
+      wgmma_fence();  // pa and the accumulators were written by ordinary instructions
+#pragma unroll
+      for (int ks = 0; ks < kQSteps; ++ks)
+        Wgmma<elem_t, kHeadDim, 1>::rs(dv_flat, pa[ks], sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
+      wgmma_commit();
+
+      fence_proxy_async();  // the dS^T stores, before wgmma reads them
+      if (kDQWriters > 1) {
+        warpgroup_sync(wg);  // dQ reads only this warpgroup's dS^T rows: the warpgroups need not meet
+      } else {
+        __syncthreads();  // dQ reads the dS^T rows of every warpgroup
+      }
+
+      // dK += dS^T Q: A is this warpgroup's 64 rows of dS^T, K-major (query step ks at byte
+      // 32 ks of each 128-byte row); B is Q read MN-major.
+      const unsigned ds_addr = smem_u32(sdS);
+      wgmma_fence();  // acc_dq's registers may have held values written by ordinary instructions
+#pragma unroll
+      for (int ks = 0; ks < kQSteps; ++ks)
+        Wgmma<elem_t, kHeadDim, 1>::ss(dk_flat, sw128_desc(ds_addr + wg * 64 * 128 + ks * 32, 16, kAtom),
+                                       sw128_desc(q_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
+      wgmma_commit();
+
+      // dQ(chunk) = dS K(:, chunk): key step ks starts at row dq_key0 + 16 ks of dS^T (A,
+      // MN-major) and of K (B, MN-major, chunk dq_chunk).
+      float acc_dq[32];
+#pragma unroll
+      for (int ks = 0; ks < kDQKeys / 16; ++ks) {
+        const unsigned row = (dq_key0 + 16 * ks) * 128;
+        Wgmma<elem_t, 64, 1, 1>::ss(acc_dq, sw128_desc(ds_addr + row, kBlockN * 128, kAtom),
+                                    sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom),
+                                    ks > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // dQ, and dV, dK (pa may be overwritten next block)
+      fence_operands(acc_dq);
+      fence_operands(dk_flat);
+      fence_operands(dv_flat);
+
+      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0) * kHeadDim + dq_chunk * 64;
+      auto add_dq = [&]() {
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh) {
+            const int r = wq * 16 + (lane >> 2) + 8 * rh;
+            if (r < rows_q)  // tail rows of the last query block
+              red_add_v2(dq_rows + static_cast<long long>(r) * kHeadDim + 8 * t + 2 * (lane & 3),
+                         acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
+          }
+      };
+      if (kDQWriters == 1 || !deterministic) {
+        add_dq();  // one writer thread per element within the CTA
+      } else {
+        // Several warpgroups add partials to the same elements: in warpgroup order, so the
+        // sum is the same every run (the barrier orders the reductions).
+#pragma unroll
+        for (int turn = 0; turn < kDQWriters; ++turn) {
+          if (turn == dq_turn) add_dq();
+          __syncthreads();
+        }
+      }
+    }
+
+    // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
+    store_dkv_rows<elem_t, kDT>(acc_dk, acc_dv, key_lo, 0, dk, dv, dk_part, dv_part, dkv_st, b, h, hk, nheads,
+                                seqlen_k, head_dim, softmax_scale);
+  }
+  cp_async_wait<0>();  // no copy may be left in flight at exit
+}
