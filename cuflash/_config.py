@@ -106,9 +106,10 @@ def bwd_tiles(head_dim: int, smem_limit: int | None = None, hopper: bool = False
     """Backward tiles; Q/dO double buffered unless that passes smem_limit (bytes per block).
     hopper: the sm_90a kernel (head dims in SM90_BWD_HEAD_DIMS)."""
     if hopper:
-        # two warpgroups x 64 keys share each 64-row Q/dO block (wgmma m64 over keys, n64
-        # over queries); dK and dV of 64 keys x head_dim stay in each warpgroup's registers
-        return AttnTiles(block_m=64, block_n=128, warps=8, stages=2)
+        # two warpgroups x 64 keys share each Q/dO block (wgmma m64 over keys, n = block_m
+        # over queries); dK and dV of 64 keys x head_dim stay in each warpgroup's registers.
+        # hd 64 takes 128 queries per block: twice the wgmma work per barrier
+        return AttnTiles(block_m=128 if head_dim == 64 else 64, block_n=128, warps=8, stages=2)
     tiles = _bwd_tiles(head_dim, stages=2)
     if smem_limit is not None and tiles.smem_bytes(head_dim, "bwd") > smem_limit:
         tiles = _bwd_tiles(head_dim, stages=1)

@@ -7,7 +7,7 @@
 //
 // A CTA owns kBlockN = 64 * kWarpgroups keys of one (b, h); warpgroup g owns keys 64g.. and
 // keeps their dK and dV (64 x D each, fp32) in registers while it walks the query blocks
-// (kBlockM = 64 rows) that see them. Per query block, per warpgroup:
+// (kBlockM = 64 or 128 rows) that see them. Per query block, per warpgroup:
 //   S^T  = K Q^T, dP^T = V dO^T           wgmma; K, V, Q, dO from shared memory, K-major
 //   P^T  = exp2(S^T * scale_log2 - lse * log2 e), masked; dropout keep bits of the
 //          transposed fragment (dropout.cuh), drawn while S^T and dP^T are on the tensor cores
@@ -17,9 +17,10 @@
 //                                         Q read MN-major
 //   dQ  += dS K(:, chunk)                 wgmma; the same dS^T tile read as an MN-major A;
 //                                         added to dq_accum by red.add.v2.f32
-// Warpgroup g computes dQ for the 64 head-dim columns of chunk g % kDQChunks over keys
-// kDQKeys * (g / kDQChunks)..: at hd 128 the two warpgroups split the columns and read the
-// dS of every key; at hd 64 each adds a partial over its own 64 keys.
+// dQ of a query block is kDQJobs tiles of 64 queries x 64 head-dim columns. Warpgroup g
+// computes tile g % kDQJobs over keys kDQKeys * (g / kDQJobs)..: with as many tiles as
+// warpgroups (hd 128 x 64 queries, hd 64 x 128 queries) each reads the dS of every key;
+// with fewer, the warpgroups add partials over their own keys.
 #include "attn_bwd_aux.cuh"
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
@@ -35,17 +36,19 @@ constexpr int kWarpgroups = kWarps / 4;
 constexpr int kST = kBlockM / 8;       // n8 tiles of S^T per row (queries)
 constexpr int kDT = kHeadDim / 8;      // n8 tiles of dK, dV per row (head dim)
 constexpr int kQSteps = kBlockM / 16;  // k16 steps (queries) of dV += P^T dO and dK += dS^T Q
-constexpr int kDQChunks = kHeadDim / 64;                         // 64-column dQ chunks
-constexpr int kDQKeys = kBlockN * kDQChunks / kWarpgroups;        // keys one warpgroup's dQ sums over
-constexpr int kDQWriters = kWarpgroups / kDQChunks;               // warpgroups adding to one dQ element
+constexpr int kDQChunks = kHeadDim / 64;               // 64-column head-dim chunks of dQ
+constexpr int kDQJobs = kDQChunks * (kBlockM / 64);     // 64 x 64 dQ tiles per query block
+constexpr int kDQWriters = kWarpgroups / kDQJobs;       // warpgroups adding to one dQ element
+constexpr int kDQKeys = kBlockN / kDQWriters;           // keys one warpgroup's dQ tile sums over
 constexpr unsigned kTileQ = kBlockM * kHeadDim * 2;   // bytes of a Q or dO tile
 constexpr unsigned kTileKV = kBlockN * kHeadDim * 2;  // bytes of the K or V tile
 constexpr unsigned kTileS = kBlockN * kBlockM * 2;    // bytes of the dS^T tile
 constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swizzle atom
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
-static_assert(kBlockM == 64, "the query block is wgmma N of S^T and one 64-column swizzle chunk of dS^T");
+static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
-static_assert(kDQWriters >= 1 && kDQKeys % 16 == 0, "dQ chunks split evenly over the warpgroups");
+static_assert(kDQJobs <= kWarpgroups && kWarpgroups % kDQJobs == 0 && kDQKeys % 16 == 0,
+              "dQ tiles split evenly over the warpgroups");
 
 // dst[0..1] += (a, b) in one vector reduction (sm_90), performed in L2.
 __device__ __forceinline__ void red_add_v2(float* dst, float a, float b) {
@@ -92,7 +95,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const elem_t* v_base = v + b * v_st.b + hk * v_st.h;
   const float* lse_row = lse + static_cast<long long>(bh) * seqlen_q;
   const float* delta_row = delta + static_cast<long long>(bh) * seqlen_q;
-  const int dq_chunk = wg % kDQChunks, dq_key0 = (wg / kDQChunks) * kDQKeys, dq_turn = wg / kDQChunks;
+  const int dq_job = wg % kDQJobs, dq_turn = wg / kDQJobs, dq_key0 = dq_turn * kDQKeys;
+  const int dq_chunk = dq_job % kDQChunks, dq_rows0 = 64 * (dq_job / kDQChunks);  // head-dim chunk, first query
 
   // Q, dO, lse and delta of query block mb into stage st. Rows past Sq are zero-filled:
   // their S and dP are then 0, P = exp2(0) is finite, and every product it enters (P^T dO,
@@ -168,13 +172,19 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
       // Keep bits of this warp's 16 keys x 64 queries (bit i <-> accumulator element i), drawn
       // while the tensor cores work: one Philox call per thread per 16x16 block.
-      unsigned keep = 0xffffffffu;
+      unsigned keep[kBlockM / 32];  // bit i % 32 of word i / 32 <-> accumulator element i
+#pragma unroll
+      for (int w = 0; w < kBlockM / 32; ++w) keep[w] = 0xffffffffu;
       if constexpr (kDropout) {
         const unsigned C = static_cast<unsigned>((k_start + key_w) >> 4);
         const unsigned R0 = static_cast<unsigned>((q_start + m0) >> 4);
-        keep = 0;
+#pragma unroll
+        for (int w = 0; w < kBlockM / 32; ++w) {
+          keep[w] = 0;
 #pragma unroll 1  // one call's state live at a time: the dK, dV accumulators leave few registers
-        for (int r16 = 0; r16 < kBlockM / 16; ++r16) keep |= dropout_block_keep_t(dp, b, h, R0 + r16, C, lane) << (8 * r16);
+          for (int r16 = 0; r16 < 4; ++r16)
+            keep[w] |= dropout_block_keep_t(dp, b, h, R0 + 4 * w + r16, C, lane) << (8 * r16);
+        }
       }
 
       wgmma_wait<1>();  // S^T done; dP^T may still run
@@ -195,7 +205,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 #pragma unroll
       for (int i = 0; i < kST * 4; ++i) {
         const int qc = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
-        const bool kept = !kDropout || ((keep >> i) & 1u);
+        const bool kept = !kDropout || ((keep[i / 32] >> (i % 32)) & 1u);
         const float dpk = kept ? dps[i] * drop_scale : 0.f;
         dps[i] = s[i] * (dpk - sDelta[st * kBlockM + qc]);
         s[i] = kept ? s[i] * drop_scale : 0.f;
@@ -230,22 +240,24 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       }
 
       // dK += dS^T Q: A is this warpgroup's 64 rows of dS^T, K-major (query step ks at byte
-      // 32 ks of each 128-byte row); B is Q read MN-major.
+      // 32 (ks % 4) of 64-column chunk ks / 4); B is Q read MN-major.
       const unsigned ds_addr = smem_u32(sdS);
       wgmma_fence();  // acc_dq's registers may have held values written by ordinary instructions
 #pragma unroll
       for (int ks = 0; ks < kQSteps; ++ks)
-        Wgmma<elem_t, kHeadDim, 1>::ss(dk_flat, sw128_desc(ds_addr + wg * 64 * 128 + ks * 32, 16, kAtom),
+        Wgmma<elem_t, kHeadDim, 1>::ss(dk_flat,
+                                       sw128_desc(ds_addr + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32,
+                                                  16, kAtom),
                                        sw128_desc(q_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
       wgmma_commit();
 
-      // dQ(chunk) = dS K(:, chunk): key step ks starts at row dq_key0 + 16 ks of dS^T (A,
-      // MN-major) and of K (B, MN-major, chunk dq_chunk).
+      // dQ tile = dS(queries dq_rows0.., keys) K(keys, chunk): key step ks starts at row
+      // dq_key0 + 16 ks of dS^T (A, MN-major, its 64-query chunk) and of K (B, MN-major).
       float acc_dq[32];
 #pragma unroll
       for (int ks = 0; ks < kDQKeys / 16; ++ks) {
         const unsigned row = (dq_key0 + 16 * ks) * 128;
-        Wgmma<elem_t, 64, 1, 1>::ss(acc_dq, sw128_desc(ds_addr + row, kBlockN * 128, kAtom),
+        Wgmma<elem_t, 64, 1, 1>::ss(acc_dq, sw128_desc(ds_addr + (dq_rows0 / 64) * (kBlockN * 128) + row, kBlockN * 128, kAtom),
                                     sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom),
                                     ks > 0 ? 1 : 0);
       }
@@ -255,14 +267,14 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       fence_operands(dk_flat);
       fence_operands(dv_flat);
 
-      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0) * kHeadDim + dq_chunk * 64;
+      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0 + dq_rows0) * kHeadDim + dq_chunk * 64;
       auto add_dq = [&]() {
 #pragma unroll
         for (int t = 0; t < 8; ++t)
 #pragma unroll
           for (int rh = 0; rh < 2; ++rh) {
             const int r = wq * 16 + (lane >> 2) + 8 * rh;
-            if (r < rows_q)  // tail rows of the last query block
+            if (dq_rows0 + r < rows_q)  // tail rows of the last query block
               red_add_v2(dq_rows + static_cast<long long>(r) * kHeadDim + 8 * t + 2 * (lane & 3),
                          acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
           }
