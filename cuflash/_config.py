@@ -69,8 +69,8 @@ class AttnTiles:
         """Dynamic shared memory of a forward or backward CTA (mirrors the kernels' carve-up)."""
         if kind == "fwd_sm90":  # sQ, two stages of sK and sV (128-byte swizzled), 1 KB alignment slack
             return 2 * head_dim * (self.block_m + 4 * self.block_n) + 1024
-        if kind == "bwd_sm90":  # sK, sV, two stages of (sQ, sdO), sdS^T, two stages of lse and delta, slack
-            return 2 * head_dim * (2 * self.block_n + 4 * self.block_m) + 2 * self.block_n * self.block_m \
+        if kind == "bwd_sm90":  # sK, sV, two stages of (sQ, sdO), sdS^T, sP^T, two stages of lse and delta, slack
+            return 2 * head_dim * (2 * self.block_n + 4 * self.block_m) + 4 * self.block_n * self.block_m \
                 + 16 * self.block_m + 1024
         ld = head_dim + 8  # kSmemPad: 16 bytes per row keep ldmatrix rows in distinct banks
         if kind == "fwd":  # sQ, sK, sV

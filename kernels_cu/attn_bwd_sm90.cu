@@ -12,7 +12,8 @@
 //   P^T  = exp2(S^T * scale_log2 - lse * log2 e), masked; dropout keep bits of the
 //          transposed fragment (dropout.cuh), drawn while S^T and dP^T are on the tensor cores
 //   dS^T = P^T ∘ (dP^T∘keep·s − delta)
-//   dV  += (P^T∘keep·s) dO                wgmma; A from registers, dO read MN-major
+//   dV  += (P^T∘keep·s) dO                wgmma; A from registers (or, kPInSmem, staged in
+//                                         shared memory like dS^T), dO read MN-major
 //   dK  += dS^T Q                         wgmma; dS^T staged in shared memory (K-major A),
 //                                         Q read MN-major
 //   dQ  += dS K(:, chunk)                 wgmma; the same dS^T tile read as an MN-major A;
@@ -44,6 +45,13 @@ constexpr unsigned kTileQ = kBlockM * kHeadDim * 2;   // bytes of a Q or dO tile
 constexpr unsigned kTileKV = kBlockN * kHeadDim * 2;  // bytes of the K or V tile
 constexpr unsigned kTileS = kBlockN * kBlockM * 2;    // bytes of the dS^T tile
 constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swizzle atom
+// P^T as the A of dV from shared memory instead of registers: with 128-query blocks its
+// kBlockM / 4 registers of A fragments do not fit beside S^T, dP^T and dK, dV (ptxas spilled).
+#ifdef CUFLASH_P_SMEM
+constexpr bool kPInSmem = CUFLASH_P_SMEM != 0;
+#else
+constexpr bool kPInSmem = kBlockM == 128;
+#endif
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
 static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
@@ -77,7 +85,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   unsigned char* sV = sK + kTileKV;
   unsigned char* sQ0 = sV + kTileKV;     // stage s: Q at sQ0 + 2 s kTileQ, dO right after
   unsigned char* sdS = sQ0 + 4 * kTileQ;  // dS^T, [key][query]
-  float* sLse = reinterpret_cast<float*>(sdS + kTileS);  // [stage][query], as stored by the forward
+  unsigned char* sP = sdS + kTileS;        // P^T keep s, [key][query] (kPInSmem)
+  float* sLse = reinterpret_cast<float*>(sP + kTileS);  // [stage][query], as stored by the forward
   float* sDelta = sLse + 2 * kBlockM;                     // [stage][query]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -210,39 +219,53 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
         dps[i] = s[i] * (dpk - sDelta[st * kBlockM + qc]);
         s[i] = kept ? s[i] * drop_scale : 0.f;
       }
-      // P^T keep s as A fragments (16 keys x 16 queries per k step); dS^T into shared memory.
-      // Register x of step ks is n8 tile 2 ks + x / 2, key row + 8 (x % 2).
-      unsigned pa[kQSteps][4];
+      // P^T keep s as A fragments (16 keys x 16 queries per k step) or into shared memory;
+      // dS^T into shared memory. Register x of step ks is n8 tile 2 ks + x / 2, key row + 8 (x % 2).
+      unsigned pa[kPInSmem ? 1 : kQSteps][4];
 #pragma unroll
       for (int ks = 0; ks < kQSteps; ++ks)
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
-          pa[ks][x] = pack2<elem_t>(s[8 * ks + 2 * x], s[8 * ks + 2 * x + 1]);
           const int kr = wg * 64 + wq * 16 + (lane >> 2) + 8 * (x & 1);
           const int qc = 8 * (2 * ks + (x >> 1)) + 2 * (lane & 3);
+          const unsigned p2 = pack2<elem_t>(s[8 * ks + 2 * x], s[8 * ks + 2 * x + 1]);
+          if constexpr (kPInSmem) {
+            *reinterpret_cast<unsigned*>(sP + tile_sw128_offset<kBlockN>(kr, qc)) = p2;
+          } else {
+            pa[ks][x] = p2;
+          }
           *reinterpret_cast<unsigned*>(sdS + tile_sw128_offset<kBlockN>(kr, qc)) =
               pack2<elem_t>(dps[8 * ks + 2 * x], dps[8 * ks + 2 * x + 1]);
         }
 
       // dV += (P^T keep s) dO: query step ks starts at row 16 ks of dO; LBO steps to the
-      // next 64 head-dim columns.
-      wgmma_fence();  // pa and the accumulators were written by ordinary instructions
+      // next 64 head-dim columns. From registers it starts now; from shared memory after the barrier.
+      if constexpr (!kPInSmem) {
+        wgmma_fence();  // pa and the accumulators were written by ordinary instructions
 #pragma unroll
-      for (int ks = 0; ks < kQSteps; ++ks)
-        Wgmma<elem_t, kHeadDim, 1>::rs(dv_flat, pa[ks], sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
-      wgmma_commit();
+        for (int ks = 0; ks < kQSteps; ++ks)
+          Wgmma<elem_t, kHeadDim, 1>::rs(dv_flat, pa[ks], sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
+        wgmma_commit();
+      }
 
-      fence_proxy_async();  // the dS^T stores, before wgmma reads them
+      fence_proxy_async();  // the dS^T (and P^T) stores, before wgmma reads them
       if (kDQWriters > 1) {
         warpgroup_sync(wg);  // dQ reads only this warpgroup's dS^T rows: the warpgroups need not meet
       } else {
         __syncthreads();  // dQ reads the dS^T rows of every warpgroup
       }
 
-      // dK += dS^T Q: A is this warpgroup's 64 rows of dS^T, K-major (query step ks at byte
-      // 32 (ks % 4) of 64-column chunk ks / 4); B is Q read MN-major.
+      // dK += dS^T Q (and dV += P^T dO): A is this warpgroup's 64 rows of dS^T (P^T), K-major
+      // (query step ks at byte 32 (ks % 4) of 64-column chunk ks / 4); B is Q (dO) read MN-major.
       const unsigned ds_addr = smem_u32(sdS);
       wgmma_fence();  // acc_dq's registers may have held values written by ordinary instructions
+      if constexpr (kPInSmem) {
+#pragma unroll
+        for (int ks = 0; ks < kQSteps; ++ks)
+          Wgmma<elem_t, kHeadDim, 1>::ss(
+              dv_flat, sw128_desc(smem_u32(sP) + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32, 16, kAtom),
+              sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
+      }
 #pragma unroll
       for (int ks = 0; ks < kQSteps; ++ks)
         Wgmma<elem_t, kHeadDim, 1>::ss(dk_flat,
@@ -262,7 +285,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
                                     ks > 0 ? 1 : 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();  // dQ, and dV, dK (pa may be overwritten next block)
+      wgmma_wait<0>();  // dQ, and dV, dK (pa, sP, sdS may be overwritten next block)
       fence_operands(acc_dq);
       fence_operands(dk_flat);
       fence_operands(dv_flat);
