@@ -161,12 +161,12 @@ def backward(dout, ctx):
     fn = get_function(variant, "attn_bwd_kernel", dynamic_smem=smem)
     threads = 32 * tiles.warps
     n_kblocks = -(-Sk // tiles.block_n)
-    split_stride = B * H * Sq * d_pad  # elements of one dQ accumulator
+    accum = B * H * Sq * d_pad  # elements of one dQ accumulator
     if ctx.deterministic:
         # One CTA per (split, b, h) walks key blocks split, split + splits, ...; each split's
         # accumulator then has one writer per element (see attn_bwd.cu).
-        splits = dq_splits(n_kblocks, B * H, _resident_ctas(fn, threads, smem), 4 * split_stride)
-        workers = splits
+        splits = dq_splits(n_kblocks, B * H, _resident_ctas(fn, threads, smem), 4 * accum)
+        workers, split_stride = splits, accum
     else:
         splits, workers, split_stride = 1, n_kblocks, 0  # one CTA per key block, atomics into one accumulator
     dq_accum = cupy.zeros((splits, B, H, Sq, d_pad), dtype=cupy.float32)
@@ -184,7 +184,7 @@ def backward(dout, ctx):
     get_function(variant, "attn_bwd_dq_kernel")(
         (-(-total // 256),), (256,),
         (dq_accum, dq, *_strides(dq), np.int32(H), np.int64(Sq), np.int32(D), np.float32(ctx.softmax_scale),
-         np.int64(total), np.int32(splits), np.int64(B * H * Sq * d_pad)))
+         np.int64(total), np.int32(splits), np.int64(accum)))
     if group > 1:
         total = B * Sk * Hk * D
         get_function(variant, "attn_bwd_dkv_reduce_kernel")(

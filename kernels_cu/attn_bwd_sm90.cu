@@ -18,10 +18,9 @@
 //                                         Q read MN-major
 //   dQ  += dS K(:, chunk)                 wgmma; the same dS^T tile read as an MN-major A;
 //                                         added to dq_accum by red.add.v2.f32
-// dQ of a query block is kDQJobs tiles of 64 queries x 64 head-dim columns. Warpgroup g
-// computes tile g % kDQJobs over keys kDQKeys * (g / kDQJobs)..: with as many tiles as
-// warpgroups (hd 128 x 64 queries, hd 64 x 128 queries) each reads the dS of every key;
-// with fewer, the warpgroups add partials over their own keys.
+// dQ of a query block is one 64 x 64 tile (64 queries x 64 head-dim columns) per
+// warpgroup (hd 128 x 64 queries, hd 64 x 128 queries), summed over all kBlockN keys, so
+// each dQ element has one writer thread in the CTA.
 #include "attn_bwd_aux.cuh"
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
@@ -38,25 +37,17 @@ constexpr int kST = kBlockM / 8;       // n8 tiles of S^T per row (queries)
 constexpr int kDT = kHeadDim / 8;      // n8 tiles of dK, dV per row (head dim)
 constexpr int kQSteps = kBlockM / 16;  // k16 steps (queries) of dV += P^T dO and dK += dS^T Q
 constexpr int kDQChunks = kHeadDim / 64;               // 64-column head-dim chunks of dQ
-constexpr int kDQJobs = kDQChunks * (kBlockM / 64);     // 64 x 64 dQ tiles per query block
-constexpr int kDQWriters = kWarpgroups / kDQJobs;       // warpgroups adding to one dQ element
-constexpr int kDQKeys = kBlockN / kDQWriters;           // keys one warpgroup's dQ tile sums over
 constexpr unsigned kTileQ = kBlockM * kHeadDim * 2;   // bytes of a Q or dO tile
 constexpr unsigned kTileKV = kBlockN * kHeadDim * 2;  // bytes of the K or V tile
 constexpr unsigned kTileS = kBlockN * kBlockM * 2;    // bytes of the dS^T tile
 constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swizzle atom
 // P^T as the A of dV from shared memory instead of registers: with 128-query blocks its
 // kBlockM / 4 registers of A fragments do not fit beside S^T, dP^T and dK, dV (ptxas spilled).
-#ifdef CUFLASH_P_SMEM
-constexpr bool kPInSmem = CUFLASH_P_SMEM != 0;
-#else
 constexpr bool kPInSmem = kBlockM == 128;
-#endif
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
 static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
-static_assert(kDQJobs <= kWarpgroups && kWarpgroups % kDQJobs == 0 && kDQKeys % 16 == 0,
-              "dQ tiles split evenly over the warpgroups");
+static_assert(kDQChunks * (kBlockM / 64) == kWarpgroups, "one 64 x 64 dQ tile per warpgroup");
 
 // dst[0..1] += (a, b) in one vector reduction (sm_90), performed in L2.
 __device__ __forceinline__ void red_add_v2(float* dst, float a, float b) {
@@ -95,7 +86,6 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const int n_mblocks = static_cast<int>((seqlen_q + kBlockM - 1) / kBlockM);
   const int n_kblocks = static_cast<int>((seqlen_k + kBlockN - 1) / kBlockN);
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
-  const bool deterministic = dq_split_stride != 0;
   float* dq_split = dq_accum + blockIdx.x * dq_split_stride;
 
   const elem_t* q_base = q + b * q_st.b + h * q_st.h;
@@ -104,8 +94,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const elem_t* v_base = v + b * v_st.b + hk * v_st.h;
   const float* lse_row = lse + static_cast<long long>(bh) * seqlen_q;
   const float* delta_row = delta + static_cast<long long>(bh) * seqlen_q;
-  const int dq_job = wg % kDQJobs, dq_turn = wg / kDQJobs, dq_key0 = dq_turn * kDQKeys;
-  const int dq_chunk = dq_job % kDQChunks, dq_rows0 = 64 * (dq_job / kDQChunks);  // head-dim chunk, first query
+  const int dq_chunk = wg % kDQChunks, dq_rows0 = 64 * (wg / kDQChunks);  // head-dim chunk, first query
 
   // Q, dO, lse and delta of query block mb into stage st. Rows past Sq are zero-filled:
   // their S and dP are then 0, P = exp2(0) is finite, and every product it enters (P^T dO,
@@ -129,7 +118,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
     const int m_begin = static_cast<int>(first_query_seeing<kCausal>(n0, causal_diag) / kBlockM);
-    __syncthreads();  // the previous key block's wgmmas, in every warpgroup, are done with sK, sV
+    cp_async_wait<0>();  // a key block no query sees (a causal shard) leaves its K, V copies in flight
+    __syncthreads();     // the previous key block's wgmmas, in every warpgroup, are done with sK, sV
     load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sK, k_base + n0 * k_st.s, k_st.s, rows_kv, head_dim);
     load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sV, v_base + n0 * v_st.s, v_st.s, rows_kv, head_dim);
     if (m_begin < n_mblocks) load_q_do(m_begin, 0);
@@ -163,23 +153,22 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       // 64-column chunk ks / 4 of each operand.
       const unsigned q_addr = smem_u32(sQ0 + 2 * st * kTileQ), do_addr = q_addr + kTileQ;
       float s[kST * 4], dps[kST * 4];
+      // acc = A B^T over the head dim, A: this warpgroup's 64 keys of K or V, B: Q or dO.
+      auto issue_t = [&](float(&acc)[kST * 4], unsigned a_addr, unsigned b_addr) {
+#pragma unroll
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+          const unsigned aoff = (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32;
+          const unsigned boff = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
+          Wgmma<elem_t, kBlockM, 0>::ss(acc, sw128_desc(a_addr + aoff, 16, kAtom), sw128_desc(b_addr + boff, 16, kAtom),
+                                        ks > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+      };
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        const unsigned koff = (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32, qoff = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
-        Wgmma<elem_t, kBlockM, 0>::ss(s, sw128_desc(k_addr + koff, 16, kAtom), sw128_desc(q_addr + qoff, 16, kAtom),
-                                      ks > 0 ? 1 : 0);
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        const unsigned koff = (ks >> 2) * (kBlockN * 128) + (ks & 3) * 32, qoff = (ks >> 2) * (kBlockM * 128) + (ks & 3) * 32;
-        Wgmma<elem_t, kBlockM, 0>::ss(dps, sw128_desc(v_addr + koff, 16, kAtom), sw128_desc(do_addr + qoff, 16, kAtom),
-                                      ks > 0 ? 1 : 0);
-      }
-      wgmma_commit();
+      issue_t(s, k_addr, q_addr);
+      issue_t(dps, v_addr, do_addr);
 
-      // Keep bits of this warp's 16 keys x 64 queries (bit i <-> accumulator element i), drawn
+      // Keep bits of this warp's 16 keys x kBlockM queries (bit i <-> accumulator element i), drawn
       // while the tensor cores work: one Philox call per thread per 16x16 block.
       unsigned keep[kBlockM / 32];  // bit i % 32 of word i / 32 <-> accumulator element i
 #pragma unroll
@@ -249,11 +238,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       }
 
       fence_proxy_async();  // the dS^T (and P^T) stores, before wgmma reads them
-      if (kDQWriters > 1) {
-        warpgroup_sync(wg);  // dQ reads only this warpgroup's dS^T rows: the warpgroups need not meet
-      } else {
-        __syncthreads();  // dQ reads the dS^T rows of every warpgroup
-      }
+      __syncthreads();  // dQ reads the dS^T rows of every warpgroup
 
       // dK += dS^T Q (and dV += P^T dO): A is this warpgroup's 64 rows of dS^T (P^T), K-major
       // (query step ks at byte 32 (ks % 4) of 64-column chunk ks / 4); B is Q (dO) read MN-major.
@@ -263,7 +248,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 #pragma unroll
         for (int ks = 0; ks < kQSteps; ++ks)
           Wgmma<elem_t, kHeadDim, 1>::ss(
-              dv_flat, sw128_desc(smem_u32(sP) + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32, 16, kAtom),
+              dv_flat,
+              sw128_desc(smem_u32(sP) + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32, 16, kAtom),
               sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
       }
 #pragma unroll
@@ -275,14 +261,14 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       wgmma_commit();
 
       // dQ tile = dS(queries dq_rows0.., keys) K(keys, chunk): key step ks starts at row
-      // dq_key0 + 16 ks of dS^T (A, MN-major, its 64-query chunk) and of K (B, MN-major).
+      // 16 ks of dS^T (A, MN-major, its 64-query chunk) and of K (B, MN-major).
       float acc_dq[32];
 #pragma unroll
-      for (int ks = 0; ks < kDQKeys / 16; ++ks) {
-        const unsigned row = (dq_key0 + 16 * ks) * 128;
-        Wgmma<elem_t, 64, 1, 1>::ss(acc_dq, sw128_desc(ds_addr + (dq_rows0 / 64) * (kBlockN * 128) + row, kBlockN * 128, kAtom),
-                                    sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom),
-                                    ks > 0 ? 1 : 0);
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+        const unsigned row = 16 * ks * 128;
+        Wgmma<elem_t, 64, 1, 1>::ss(
+            acc_dq, sw128_desc(ds_addr + (dq_rows0 / 64) * (kBlockN * 128) + row, kBlockN * 128, kAtom),
+            sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom), ks > 0 ? 1 : 0);
       }
       wgmma_commit();
       wgmma_wait<0>();  // dQ, and dV, dK (pa, sP, sdS may be overwritten next block)
@@ -291,28 +277,17 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       fence_operands(dv_flat);
 
       float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0 + dq_rows0) * kHeadDim + dq_chunk * 64;
-      auto add_dq = [&]() {
+      // One writer thread per element within the CTA: with a split per CTA (deterministic)
+      // the additions to an element happen in program order.
 #pragma unroll
-        for (int t = 0; t < 8; ++t)
+      for (int t = 0; t < 8; ++t)
 #pragma unroll
-          for (int rh = 0; rh < 2; ++rh) {
-            const int r = wq * 16 + (lane >> 2) + 8 * rh;
-            if (dq_rows0 + r < rows_q)  // tail rows of the last query block
-              red_add_v2(dq_rows + static_cast<long long>(r) * kHeadDim + 8 * t + 2 * (lane & 3),
-                         acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
-          }
-      };
-      if (kDQWriters == 1 || !deterministic) {
-        add_dq();  // one writer thread per element within the CTA
-      } else {
-        // Several warpgroups add partials to the same elements: in warpgroup order, so the
-        // sum is the same every run (the barrier orders the reductions).
-#pragma unroll
-        for (int turn = 0; turn < kDQWriters; ++turn) {
-          if (turn == dq_turn) add_dq();
-          __syncthreads();
+        for (int rh = 0; rh < 2; ++rh) {
+          const int r = wq * 16 + (lane >> 2) + 8 * rh;
+          if (dq_rows0 + r < rows_q)  // tail rows of the last query block
+            red_add_v2(dq_rows + static_cast<long long>(r) * kHeadDim + 8 * t + 2 * (lane & 3),
+                       acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
         }
-      }
     }
 
     // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.

@@ -72,12 +72,6 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Barrier among the 128 threads of warpgroup wg only (named barrier 1 + wg; barrier 0 is
-// __syncthreads), with the same memory ordering among them.
-__device__ __forceinline__ void warpgroup_sync(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-
 // Shared memory written through the generic proxy (st.shared, cp.async) becomes visible to
 // wgmma, which reads through the async proxy, only after this fence (then a barrier).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
