@@ -23,6 +23,7 @@
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
+#include "softmax.cuh"
 
 using namespace cuflash;
 
@@ -145,7 +146,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
           const int r = r_lo + 8 * (e >> 1);
           const long long j = j_base + 8 * t + 2 * (lane & 3) + (e & 1);
           const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_k, causal_diag);
-          s[t][e] = vis ? exp2f(s[t][e] * scale_log2 - sLse[r]) : 0.f;  // P
+          s[t][e] = vis ? fast_exp2(fmaf(s[t][e], scale_log2, -sLse[r])) : 0.f;  // P
         }
       float pd[kSN / 8][4];  // P∘keep·s (what the forward multiplied V by), and dP∘keep·s
 #pragma unroll

@@ -28,6 +28,7 @@
 #include "epilogue.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
+#include "softmax.cuh"
 #include "wgmma_sm90.cuh"
 
 using namespace cuflash;
@@ -193,7 +194,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       for (int i = 0; i < kST * 4; ++i) {
         const int qc = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);  // query column of element i
         const long long j = key_lo + 8 * ((i >> 1) & 1);
-        const float p = exp2f(s[i] * scale_log2 - sLse[st * kBlockM + qc] * kLog2e);
+        const float p = fast_exp2(fmaf(s[i], scale_log2, -sLse[st * kBlockM + qc] * kLog2e));
         s[i] = (need_mask && !score_visible<kCausal>(m0 + qc, j, seqlen_k, causal_diag)) ? 0.f : p;
       }
 

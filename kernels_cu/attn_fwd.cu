@@ -84,16 +84,9 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     // Masking: only blocks that cross the key end or the causal diagonal need it.
     const bool need_mask = (n0 + kBlockN > seqlen_k) ||
                            (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
-    if (need_mask) {
-#pragma unroll
-      for (int t = 0; t < kNT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const long long i = row_lo + 8 * (e >> 1), j = n0 + 8 * t + 2 * (lane & 3) + (e & 1);
-          if (!score_visible<kCausal>(i, j, seqlen_k, causal_diag)) s[t][e] = -CUFLASH_INF;
-        }
-    }
-    sm.update(s, scale_log2, acc_o);  // s becomes P (un-normalised, undropped); acc_o rescaled
+    const bool prescale = need_mask || scale_log2 < 0.f;
+    if (prescale) prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
+    sm.update(s, prescale ? 1.f : scale_log2, acc_o);  // s becomes P (un-normalised, undropped); acc_o rescaled
 
     if constexpr (kDropout) {
       const unsigned R = static_cast<unsigned>((q_start + m0 + warp * 16) >> 4);  // global 16-row block

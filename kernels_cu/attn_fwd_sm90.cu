@@ -134,16 +134,9 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     // Masking: only blocks that cross the key end or the causal diagonal need it.
     const bool need_mask = (n0 + kBlockN > seqlen_k) || (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
-    if (need_mask) {
-#pragma unroll
-      for (int t = 0; t < kNT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const long long i = row_lo + 8 * (e >> 1), j = n0 + 8 * t + 2 * (lane & 3) + (e & 1);
-          if (!score_visible<kCausal>(i, j, seqlen_k, causal_diag)) s[t][e] = -CUFLASH_INF;
-        }
-    }
-    sm.update_scores(s, scale_log2, corr);  // s becomes P (un-normalised, undropped)
+    const bool prescale = need_mask || scale_log2 < 0.f;
+    if (prescale) prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
+    sm.update_scores(s, prescale ? 1.f : scale_log2, corr);  // s becomes P (un-normalised, undropped)
     if constexpr (kDropout) {
 #pragma unroll
       for (int c16 = 0; c16 < kNT / 2; ++c16) {

@@ -60,9 +60,16 @@ __device__ __forceinline__ uint4 dropout_block_words(const DropoutParams& dp, un
   return philox4x32_10(ctr, key);
 }
 
+// u16 >= threshold for the halves of a word, compared in the high half of the register:
+// lo >= t iff (word << 16) >= (t << 16), and hi >= t iff word >= (t << 16) (the low bits
+// cannot lift word past a multiple of 2^16). One shift and two compares per pair instead
+// of a mask, a shift and two compares. threshold < 2^16 (checked in Python).
+__device__ __forceinline__ bool keep_lo(unsigned word, unsigned threshold) { return (word << 16) >= (threshold << 16); }
+__device__ __forceinline__ bool keep_hi(unsigned word, unsigned threshold) { return word >= (threshold << 16); }
+
 // Keep bits of one column pair (c even, c + 1): bit 0 for column c, bit 1 for c + 1.
 __device__ __forceinline__ unsigned dropout_pair_keep(unsigned word, unsigned threshold) {
-  return ((word & 0xffffu) >= threshold ? 1u : 0u) | ((word >> 16) >= threshold ? 2u : 0u);
+  return (keep_lo(word, threshold) ? 1u : 0u) | (keep_hi(word, threshold) ? 2u : 0u);
 }
 
 __device__ __forceinline__ unsigned select_word(const uint4& w, unsigned idx) {
@@ -116,11 +123,11 @@ __device__ __forceinline__ unsigned dropout_block_keep_t(const DropoutParams& dp
   unsigned bits = 0;
 #pragma unroll
   for (int n8 = 0; n8 < 2; ++n8) {
-    const unsigned sh = 16u * n8;
-    bits |= (((v00 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 0);
-    bits |= (((v10 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 1);
-    bits |= (((v01 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 2);
-    bits |= (((v11 >> sh) & 0xffffu) >= t ? 1u : 0u) << (4 * n8 + 3);
+    const auto keep = [&](unsigned v) { return (n8 == 0 ? keep_lo(v, t) : keep_hi(v, t)) ? 1u : 0u; };
+    bits |= keep(v00) << (4 * n8 + 0);
+    bits |= keep(v10) << (4 * n8 + 1);
+    bits |= keep(v01) << (4 * n8 + 2);
+    bits |= keep(v11) << (4 * n8 + 3);
   }
   return bits;
 }

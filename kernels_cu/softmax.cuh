@@ -4,7 +4,20 @@
 // xor-shuffles.
 #pragma once
 
+#include "mask.cuh"
+
 namespace cuflash {
+
+// 2^x on the MUFU unit alone (ex2.approx.ftz.f32). exp2f() wraps the same MUFU.EX2 in a
+// range test and two multiplies per call so that results below 2^-126 come out as
+// denormals (FSETP + 2 FMUL in the H100 SASS, 2026-11-25: a third of the forward's
+// instructions without dropout). Here they flush to 0: a probability below 2^-126 of
+// the row's largest one changes no fp32 row sum and no fp16/bf16 operand.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -16,13 +29,36 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Scores of one key block in the m16n8 accumulator layout -- n8 tile t, element e at row
+// row_lo + 8 (e >> 1), column n0 + 8 t + 2 (lane % 4) + (e & 1) -- multiplied into exp2
+// units, the invisible ones (need_mask) set to -inf. For the blocks OnlineSoftmax cannot
+// take raw: those that cross the key end or the causal diagonal, and all of them under a
+// negative scale. update_scores then runs with scale 1.
+template <bool CAUSAL, int NT>
+__device__ __forceinline__ void prescale_scores(float (&s)[NT][4], float scale_log2, bool need_mask,
+                                                long long row_lo, long long n0, int lane, long long seqlen_k,
+                                                long long causal_diag) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const long long i = row_lo + 8 * (e >> 1), j = n0 + 8 * t + 2 * (lane & 3) + (e & 1);
+      const bool visible = !need_mask || score_visible<CAUSAL>(i, j, seqlen_k, causal_diag);
+      s[t][e] = visible ? s[t][e] * scale_log2 : -CUFLASH_INF;
+    }
+}
+
 template <int NT>
 struct OnlineSoftmax {
   float m[2] = {-CUFLASH_INF, -CUFLASH_INF};  // row max so far, rows lane/4 and lane/4 + 8
   float l[2] = {0.f, 0.f};              // this thread's part of the row sum
 
-  // s: raw scores of one key block (masked ones -inf). On return s holds
-  // p = exp2(s * scale_log2 - m_new) and acc has been rescaled by exp2(m_old - m_new).
+  // s: the scores of one key block, in exp2 units once multiplied by scale_log2, which
+  // must be >= 0: the row max is taken over s and then scaled, and each p is one FFMA and
+  // one MUFU (exp2(s * scale_log2 - m)). A block with masked scores, or any block under a
+  // negative scale, comes pre-scaled (masked ones -inf) with scale_log2 = 1: see
+  // prescale_scores. On return s holds p = exp2(s * scale_log2 - m_new) and acc has been
+  // rescaled by exp2(m_old - m_new).
   template <int DT>
   __device__ __forceinline__ void update(float (&s)[NT][4], float scale_log2, float (&acc)[DT][4]) {
     float corr[2];
@@ -37,22 +73,19 @@ struct OnlineSoftmax {
     for (int rh = 0; rh < 2; ++rh) {
       float mx = -CUFLASH_INF;
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        s[t][2 * rh] *= scale_log2;  // scale first: a negative softmax_scale flips the max
-        s[t][2 * rh + 1] *= scale_log2;
-        mx = fmaxf(mx, fmaxf(s[t][2 * rh], s[t][2 * rh + 1]));
-      }
-      const float m_new = fmaxf(m[rh], quad_max(mx));
+      for (int t = 0; t < NT; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * rh], s[t][2 * rh + 1]));
+      // max(s) * scale = max(s * scale) for scale >= 0 (rounding is monotone)
+      const float m_new = fmaxf(m[rh], quad_max(mx) * scale_log2);
       // A row that has seen no visible key yet has m_new = -inf: subtract 0 instead, so
       // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
       const float m_use = m_new == -CUFLASH_INF ? 0.f : m_new;
-      corr[rh] = exp2f(m[rh] - m_use);  // m_old = -inf gives 0: nothing to rescale
+      corr[rh] = fast_exp2(m[rh] - m_use);  // m_old = -inf gives 0: nothing to rescale
       m[rh] = m_new;
       l[rh] *= corr[rh];
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        s[t][2 * rh] = exp2f(s[t][2 * rh] - m_use);
-        s[t][2 * rh + 1] = exp2f(s[t][2 * rh + 1] - m_use);
+        s[t][2 * rh] = fast_exp2(fmaf(s[t][2 * rh], scale_log2, -m_use));
+        s[t][2 * rh + 1] = fast_exp2(fmaf(s[t][2 * rh + 1], scale_log2, -m_use));
         l[rh] += s[t][2 * rh] + s[t][2 * rh + 1];
       }
     }
