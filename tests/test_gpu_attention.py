@@ -45,7 +45,7 @@ CASES = [
 ]
 
 
-def run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=False):
+def run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=False, softmax_scale=None):
     Sq, Sk = seqs
     H, Hk = heads
     B = 1 if Sq * Sk > 1 << 20 else 2
@@ -56,7 +56,7 @@ def run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=False):
     dout = cp.asarray(rng.standard_normal((B, Sq, H, d)).astype(dtype))
     seed = int(rng.integers(0, 2**63))
     out, ctx = cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=seed, offset=3,
-                                         deterministic=deterministic)
+                                         deterministic=deterministic, softmax_scale=softmax_scale)
     dq, dk, dv = cuflash.attention_backward(dout, ctx)
     keep = None
     if p > 0:
@@ -65,11 +65,12 @@ def run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=False):
         assert bool((keep_gpu.get() == keep).all())
     ks = 1.0 / ctx.keep_prob
     qh, kh, vh, doh = (a.get() for a in (q, k, v, dout))
-    o_ref, lse_ref = attention_forward_ref(qh, kh, vh, causal=causal, keep=keep, keep_scale=ks)
-    g_ref = attention_backward_ref(doh, qh, kh, vh, o_ref, lse_ref, causal=causal, keep=keep, keep_scale=ks)
+    sc = dict(causal=causal, softmax_scale=softmax_scale, keep_scale=ks)
+    o_ref, lse_ref = attention_forward_ref(qh, kh, vh, keep=keep, **sc)
+    g_ref = attention_backward_ref(doh, qh, kh, vh, o_ref, lse_ref, keep=keep, **sc)
     keep_c = None if keep is None else cp.asarray(keep)
-    o_nv, _ = naive_attention_forward(q, k, v, causal=causal, keep=keep_c, keep_scale=ks)
-    g_nv = naive_attention_backward(dout, q, k, v, o_nv, causal=causal, keep=keep_c, keep_scale=ks)
+    o_nv, _ = naive_attention_forward(q, k, v, keep=keep_c, **sc)
+    g_nv = naive_attention_backward(dout, q, k, v, o_nv, keep=keep_c, **sc)
     res = {}
     for name, got, ref, nv, mult in [("out", out, o_ref, o_nv, 2), ("dq", dq, g_ref[0], g_nv[0], 3),
                                      ("dk", dk, g_ref[1], g_nv[1], 3), ("dv", dv, g_ref[2], g_nv[2], 3)]:
@@ -191,6 +192,18 @@ def test_both_forward_paths_match_reference(cp, forward_path, case):
     rng = np.random.default_rng(hash(case) % 2**32)
     res = run_case(cp, dt, d, causal, p, seqs, heads, rng)
     print(forward_path, {k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.5])
+def test_softmax_scale_any_sign(cp, forward_path, d, scale):
+    # The kernels take the row max of unscaled scores and scale it; blocks with masked
+    # scores, and every block under a negative scale, are scaled first instead. A zero
+    # scale weighs every visible key alike. Causal with ragged lengths: masked blocks both
+    # at the diagonal and at the key end.
+    rng = np.random.default_rng(int(d + 1000 * scale) % 2**32)
+    res = run_case(cp, "float16", d, True, 0.17, (200, 197), (2, 1), rng, softmax_scale=scale)
+    print(forward_path, scale, {k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})
 
 
 @pytest.mark.parametrize("case", [
