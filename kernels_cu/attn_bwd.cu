@@ -148,13 +148,15 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
           const bool vis = score_visible<kCausal>(m0 + r, j, seqlen_k, causal_diag);
           s[t][e] = vis ? fast_exp2(fmaf(s[t][e], scale_log2, -sLse[r])) : 0.f;  // P
         }
-      float pd[kSN / 8][4];  // P∘keep·s (what the forward multiplied V by), and dP∘keep·s
+      // pd = P∘keep (the forward's weights of V but for the factor s = 1 / keep probability,
+      // which dV takes once in the epilogue), and dpv = dP∘keep·s
+      float pd[kSN / 8][4];
 #pragma unroll
       for (int t = 0; t < kSN / 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          pd[t][e] = s[t][e] * drop_scale;
-          dpv[t][e] *= drop_scale;
+          pd[t][e] = s[t][e];
+          if constexpr (kDropout) dpv[t][e] *= drop_scale;
         }
       if constexpr (kDropout) {
         const unsigned R = static_cast<unsigned>((q_start + m0 + rs * 16) >> 4);  // global 16-row block
@@ -209,8 +211,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     }
     cp_async_wait<0>();  // K, V copies must land even if no query block touched them
 
-    // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
+    // Epilogue: dK = softmax_scale * dS^T Q, dV = drop_scale * (P keep)^T dO; zero when nothing saw these keys.
     store_dkv_rows<elem_t, kDN / 8>(acc_dk, acc_dv, n0 + rs * 16 + (lane >> 2), dh * kDN, dk, dv, dk_part, dv_part,
-                                    dkv_st, b, h, hk, nheads, seqlen_k, head_dim, softmax_scale);
+                                    dkv_st, b, h, hk, nheads, seqlen_k, head_dim, softmax_scale, drop_scale);
   }  // key blocks: the m loop ended on a barrier, so the next block's K/V loads may overwrite sK, sV
 }

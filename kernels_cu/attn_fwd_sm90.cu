@@ -71,8 +71,8 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   float(&acc_flat)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
   OnlineSoftmax<kNT> sm;
 
-  // Copies, oldest first: [Q, K(0)], [K(1)], [V(0)]; then per block nb: [K(nb+2)] at the
-  // top, [V(nb+1)] in the middle (see below). Empty groups keep the counts uniform.
+  // Copies, oldest first: [Q, K(0)], [K(1)], [V(0)]; then per block nb one group
+  // [K(nb+2), V(nb+1)] behind the block's barrier (see below).
   auto load_k = [&](int nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
@@ -117,18 +117,6 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   float corr[2];        // acc_o rescale that the softmax of the newest block asks for
   unsigned pa[kKSteps][4];  // P of block nb as the A fragments of P V(nb), 4 registers per 16 keys
 
-  // The Philox words of block nb's dropout, one call per thread per 16x16 block. They do
-  // not depend on S, so they are drawn while S(nb) is on the tensor cores.
-  uint4 words[kNT / 2];
-  auto draw_words = [&](int nb) {
-    if constexpr (kDropout) {
-      const unsigned R = static_cast<unsigned>((q_start + warp_m0) >> 4);  // global 16-row block
-      const unsigned C0 = static_cast<unsigned>((k_start + static_cast<long long>(nb) * kBlockN) >> 4);
-#pragma unroll
-      for (int c16 = 0; c16 < kNT / 2; ++c16) words[c16] = dropout_block_words(dp, b, h, R, C0 + c16, lane);
-    }
-  };
-
   // Scores of block nb (in s, wgmma done) -> P with masking, online softmax and dropout.
   auto softmax_block = [&](int nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
@@ -138,10 +126,17 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     if (prescale) prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
     sm.update_scores(s, prescale ? 1.f : scale_log2, corr);  // s becomes P (un-normalised, undropped)
     if constexpr (kDropout) {
+      // One Philox call per thread per 16x16 block, drawn right before its keep bits are
+      // applied: this runs while P V(nb-1) is on the tensor cores. (Drawing all of a
+      // block's words while S ran held 32 more registers and spilled; H100, 2026-11-25:
+      // this order was 3-15 % faster.)
+      const unsigned R = static_cast<unsigned>((q_start + warp_m0) >> 4);  // global 16-row block
+      const unsigned C0 = static_cast<unsigned>((k_start + n0) >> 4);
 #pragma unroll
       for (int c16 = 0; c16 < kNT / 2; ++c16) {
-        apply_keep(s[2 * c16], words[c16].x, words[c16].y, threshold);      // n8 tile 0: rows 0-7, 8-15
-        apply_keep(s[2 * c16 + 1], words[c16].z, words[c16].w, threshold);  // n8 tile 1
+        const uint4 w = dropout_block_words(dp, b, h, R, C0 + c16, lane);
+        apply_keep(s[2 * c16], w.x, w.y, threshold);      // n8 tile 0: rows 0-7, 8-15
+        apply_keep(s[2 * c16 + 1], w.z, w.w, threshold);  // n8 tile 1
       }
     }
   };
@@ -160,7 +155,6 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     fence_proxy_async();
     __syncthreads();  // Q and K(0) visible to every warpgroup's wgmma
     issue_s(s_flat, 0);
-    draw_words(0);
     wgmma_wait<0>();
     fence_operands(s_flat);
     softmax_block(0);
@@ -168,30 +162,25 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   }
 
   // Per block nb, per warpgroup (FlashAttention-3's intra-warpgroup overlap): S(nb+1) is
-  // issued, acc_o rescaled, P V(nb) issued; then the softmax and dropout of block nb+1 run
-  // on the ALUs while P V(nb) runs on the tensor cores. Each wgmma's accumulators are
-  // read only after a wait that ptxas can see covers it (or it serializes every wgmma).
+  // issued, acc_o rescaled, P V(nb) issued; then the softmax and dropout (Philox words
+  // included) of block nb+1 run on the ALUs while P V(nb) runs on the tensor cores. Each wgmma's
+  // accumulators are read only after a wait that ptxas can see covers it (or it
+  // serializes every wgmma). One barrier per block: K(nb+1) and V(nb) both land before
+  // it, and K(nb+2), V(nb+1) stream in behind it for a whole block.
   auto block = [&](int nb, bool has_next) {
 
-    // In flight: K(nb+1), V(nb). Let V(nb) stay.
-    cp_async_wait<1>();
+    // In flight: K(nb+1), V(nb); both are needed now.
+    cp_async_wait<0>();
     fence_proxy_async();
-    __syncthreads();  // K(nb+1) visible to wgmma; every warpgroup is done with S(nb), so K stage nb&1 is free
+    // K(nb+1) and V(nb) visible to wgmma. Every warpgroup is done with S(nb) and P V(nb-1)
+    // (waited for in block nb-1), so K stage nb&1 and V stage (nb+1)&1 are free.
+    __syncthreads();
     if (nb + 2 < n_blocks) load_k(nb + 2);
-    cp_async_commit();
-    if (has_next) {
-      issue_s(s_flat, nb + 1);  // s is free: P(nb) already sits in pa
-      draw_words(nb + 1);       // integer work while S(nb+1) runs
-    }
-
-    OnlineSoftmax<kNT>::rescale(acc_o, corr);  // P V(nb-1) was waited for at the end of block nb-1
-
-    // In flight: V(nb), K(nb+2). Let K(nb+2) stay.
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();  // V(nb) visible to wgmma; every warpgroup is done with P V(nb-1), so V stage (nb+1)&1 is free
     if (has_next) load_v(nb + 1);
     cp_async_commit();
+    if (has_next) issue_s(s_flat, nb + 1);  // s is free: P(nb) already sits in pa
+
+    OnlineSoftmax<kNT>::rescale(acc_o, corr);  // P V(nb-1) was waited for at the end of block nb-1
 
     // acc_o += P V(nb): key step ks starts at row 16 ks; LBO steps to the next 64 head-dim columns.
     const unsigned v_addr = smem_u32(sV + (nb & 1) * kTileKV);

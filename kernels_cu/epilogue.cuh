@@ -32,7 +32,7 @@ __device__ __forceinline__ void store_rows(const float (&acc_o)[DT][4], const fl
   }
 }
 
-// dk = softmax_scale * acc_dk and dv = acc_dv for this thread's two key rows (head-dim
+// dk = softmax_scale * acc_dk and dv = dv_scale * acc_dv for this thread's two key rows (head-dim
 // columns col0.. of the accumulators), in the input dtype; under GQA (dk_part not null)
 // into the fp32 per-query-head slices (B, Sk, H, D) that attn_bwd_dkv_reduce_kernel sums.
 //   key_lo: this thread's first key row (its second is key_lo + 8)
@@ -40,7 +40,8 @@ template <typename T, int DT>
 __device__ __forceinline__ void store_dkv_rows(const float (&acc_dk)[DT][4], const float (&acc_dv)[DT][4],
                                                long long key_lo, int col0, T* dk, T* dv, float* dk_part,
                                                float* dv_part, const Strides& dkv_st, int b, int h, int hk,
-                                               int nheads, long long seqlen_k, int head_dim, float softmax_scale) {
+                                               int nheads, long long seqlen_k, int head_dim, float softmax_scale,
+                                               float dv_scale) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int t = 0; t < DT; ++t)
@@ -50,7 +51,7 @@ __device__ __forceinline__ void store_dkv_rows(const float (&acc_dk)[DT][4], con
       const int d = col0 + 8 * t + 2 * (lane & 3);
       if (j >= seqlen_k || d >= head_dim) continue;  // key tail, padded head dim
       const float k0 = acc_dk[t][2 * rh] * softmax_scale, k1 = acc_dk[t][2 * rh + 1] * softmax_scale;
-      const float v0 = acc_dv[t][2 * rh], v1 = acc_dv[t][2 * rh + 1];
+      const float v0 = acc_dv[t][2 * rh] * dv_scale, v1 = acc_dv[t][2 * rh + 1] * dv_scale;
       if (dk_part) {  // GQA: one fp32 slice per query head, summed in a fixed order later
         const long long o = ((static_cast<long long>(b) * seqlen_k + j) * nheads + h) * head_dim + d;
         *reinterpret_cast<float2*>(dk_part + o) = make_float2(k0, k1);
