@@ -58,9 +58,9 @@ DETERMINISTIC_DQ_BYTES = 4 << 30
 
 
 def dq_splits(n_kblocks: int, bh: int, resident: int, dq_bytes: int) -> int:
-    """Splits of a deterministic backward. CTA (split, b, h) walks key blocks split,
-    split + splits, ...; the run takes about ceil(splits * bh / resident) waves of
-    ceil(n_kblocks / splits) key blocks. Take the fewest splits (each costs one fp32 dQ
+    """Splits of a deterministic backward. CTA (split, b, h) walks key blocks in rounds of
+    `splits` (forward, then backward: attn_bwd_aux.cuh walk_key_block); the run takes about
+    ceil(splits * bh / resident) waves of ceil(n_kblocks / splits) key blocks. Take the fewest splits (each costs one fp32 dQ
     accumulator) within 5 % of the best such estimate, and at most
     DETERMINISTIC_DQ_BYTES of accumulators."""
     cap = max(1, min(n_kblocks, DETERMINISTIC_DQ_BYTES // max(dq_bytes, 1)))
@@ -163,7 +163,7 @@ def backward(dout, ctx):
     n_kblocks = -(-Sk // tiles.block_n)
     accum = B * H * Sq * d_pad  # elements of one dQ accumulator
     if ctx.deterministic:
-        # One CTA per (split, b, h) walks key blocks split, split + splits, ...; each split's
+        # One CTA per (split, b, h) walks its share of the key blocks; each split's
         # accumulator then has one writer per element (see attn_bwd.cu).
         splits = dq_splits(n_kblocks, B * H, _resident_ctas(fn, threads, smem), 4 * accum)
         workers, split_stride = splits, accum

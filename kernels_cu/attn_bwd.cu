@@ -4,8 +4,8 @@
 //   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed; dk, dv: (B, Sk, Hk, D) in the input
 //   dtype, or, under GQA (group > 1), dk_part/dv_part: (B, Sk, H, D) fp32, reduced afterwards.
 //
-// A CTA owns key blocks blockIdx.x, blockIdx.x + gridDim.x, ... of one (b, h): kBlockN keys
-// each, walking the query blocks that see them. The default launch has one CTA per key
+// A CTA owns key blocks of one (b, h) (walk_key_block: rounds of gridDim.x blocks): kBlockN
+// keys each, walking the query blocks that see them. The default launch has one CTA per key
 // block, all adding dQ into split 0 with fp32 atomics (order varies run to run). The
 // deterministic launch has gridDim.x = splits CTAs per (b, h), CTA s adding only into
 // split s (dq_split_stride apart): every dQ element of a split then has one writer thread,
@@ -70,7 +70,9 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
   float* dq_split = dq_accum + blockIdx.x * dq_split_stride;
 
-  for (int nb = blockIdx.x; nb < n_kblocks; nb += gridDim.x) {
+  for (int t = 0; t * static_cast<int>(gridDim.x) < n_kblocks; ++t) {
+    const int nb = walk_key_block(t);
+    if (nb >= n_kblocks) continue;  // the last round's tail (uniform across the CTA)
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
 

@@ -8,6 +8,18 @@
 
 using namespace cuflash;
 
+// Key block of step t of a main-kernel CTA's walk. Steps go in rounds of gridDim.x blocks,
+// forward in even rounds and backward in odd ones: with one CTA per key block (the default
+// launch) step 0 is block blockIdx.x and the only one. In a deterministic launch (gridDim.x
+// = dQ splits) the back-and-forth pairs, under causal masking, the long key blocks (seen by
+// many query blocks) with short ones in every CTA; a plain stride gave CTA 0 the longest
+// block of every round (hd 128, S = 4k, 2 splits: 544 vs 512 query blocks). The last round
+// may pass n_kblocks; callers skip those steps.
+__device__ __forceinline__ int walk_key_block(int t) {
+  const int n = static_cast<int>(gridDim.x), c = static_cast<int>(blockIdx.x);
+  return t * n + ((t & 1) ? n - 1 - c : c);
+}
+
 // delta = rowsum(dO ∘ O) in fp32, one warp per (b, h, row): (B, H, Sq).
 extern "C" __global__ void attn_bwd_delta_kernel(const elem_t* __restrict__ dout, const elem_t* __restrict__ out,
                                                  float* __restrict__ delta, STRIDE_ARGS(do), STRIDE_ARGS(o),

@@ -2,8 +2,8 @@
 //
 //   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
 //   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed; dk, dv (or, under GQA, the fp32
-//   dk_part, dv_part) as in attn_bwd.cu, whose arguments, launch (key blocks strided by
-//   gridDim.x; dQ splits when deterministic) and results this kernel shares.
+//   dk_part, dv_part) as in attn_bwd.cu, whose arguments, launch (key blocks walked in
+//   rounds of gridDim.x; dQ splits when deterministic) and results this kernel shares.
 //
 // A CTA owns kBlockN = 64 * kWarpgroups keys of one (b, h); warpgroup g owns keys 64g.. and
 // keeps their dK and dV (64 x D each, fp32) in registers while it walks the query blocks
@@ -115,7 +115,9 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     }
   };
 
-  for (int nb = blockIdx.x; nb < n_kblocks; nb += gridDim.x) {
+  for (int t = 0; t * static_cast<int>(gridDim.x) < n_kblocks; ++t) {
+    const int nb = walk_key_block(t);
+    if (nb >= n_kblocks) continue;  // the last round's tail (uniform across the CTA)
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
     const int m_begin = static_cast<int>(first_query_seeing<kCausal>(n0, causal_diag) / kBlockM);
