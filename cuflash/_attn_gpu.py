@@ -60,9 +60,9 @@ DETERMINISTIC_DQ_BYTES = 4 << 30
 def dq_splits(n_kblocks: int, bh: int, resident: int, dq_bytes: int) -> int:
     """Splits of a deterministic backward. CTA (split, b, h) walks key blocks in rounds of
     `splits` (forward, then backward: attn_bwd_aux.cuh walk_key_block); the run takes about
-    ceil(splits * bh / resident) waves of ceil(n_kblocks / splits) key blocks. Take the fewest splits (each costs one fp32 dQ
-    accumulator) within 5 % of the best such estimate, and at most
-    DETERMINISTIC_DQ_BYTES of accumulators."""
+    ceil(splits * bh / resident) waves of ceil(n_kblocks / splits) key blocks. Take the
+    fewest splits (each costs one fp32 dQ accumulator) within 5 % of the best such
+    estimate, and at most DETERMINISTIC_DQ_BYTES of accumulators."""
     cap = max(1, min(n_kblocks, DETERMINISTIC_DQ_BYTES // max(dq_bytes, 1)))
     cost = {s: -(-s * bh // resident) * -(-n_kblocks // s) for s in range(1, cap + 1)}
     best = min(cost.values())

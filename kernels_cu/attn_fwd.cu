@@ -84,9 +84,8 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     // Masking: only blocks that cross the key end or the causal diagonal need it.
     const bool need_mask = (n0 + kBlockN > seqlen_k) ||
                            (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
-    const bool prescale = need_mask || scale_log2 < 0.f;
-    if (prescale) prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
-    sm.update(s, prescale ? 1.f : scale_log2, acc_o);  // s becomes P (un-normalised, undropped); acc_o rescaled
+    const float sc = prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
+    sm.update(s, sc, acc_o);  // s becomes P (un-normalised, undropped); acc_o rescaled
 
     if constexpr (kDropout) {
       const unsigned R = static_cast<unsigned>((q_start + m0 + warp * 16) >> 4);  // global 16-row block

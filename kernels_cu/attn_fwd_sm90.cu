@@ -122,9 +122,8 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     // Masking: only blocks that cross the key end or the causal diagonal need it.
     const bool need_mask = (n0 + kBlockN > seqlen_k) || (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
-    const bool prescale = need_mask || scale_log2 < 0.f;
-    if (prescale) prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
-    sm.update_scores(s, prescale ? 1.f : scale_log2, corr);  // s becomes P (un-normalised, undropped)
+    const float sc = prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
+    sm.update_scores(s, sc, corr);  // s becomes P (un-normalised, undropped)
     if constexpr (kDropout) {
       // One Philox call per thread per 16x16 block, drawn right before its keep bits are
       // applied: this runs while P V(nb-1) is on the tensor cores. (Drawing all of a

@@ -29,15 +29,17 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Scores of one key block in the m16n8 accumulator layout -- n8 tile t, element e at row
-// row_lo + 8 (e >> 1), column n0 + 8 t + 2 (lane % 4) + (e & 1) -- multiplied into exp2
-// units, the invisible ones (need_mask) set to -inf. For the blocks OnlineSoftmax cannot
-// take raw: those that cross the key end or the causal diagonal, and all of them under a
-// negative scale. update_scores then runs with scale 1.
+// Readies the scores of one key block (m16n8 accumulator layout: n8 tile t, element e at
+// row row_lo + 8 (e >> 1), column n0 + 8 t + 2 (lane % 4) + (e & 1)) for OnlineSoftmax and
+// returns the scale its update takes. Most blocks go in raw, with scale_log2. Those that
+// cross the key end or the causal diagonal (need_mask), and all of them under a negative
+// scale, are multiplied into exp2 units here, the invisible scores set to -inf, and the
+// update takes scale 1: a masked -inf times a zero or negative scale would be NaN or +inf.
 template <bool CAUSAL, int NT>
-__device__ __forceinline__ void prescale_scores(float (&s)[NT][4], float scale_log2, bool need_mask,
-                                                long long row_lo, long long n0, int lane, long long seqlen_k,
-                                                long long causal_diag) {
+__device__ __forceinline__ float prescale_scores(float (&s)[NT][4], float scale_log2, bool need_mask,
+                                                 long long row_lo, long long n0, int lane, long long seqlen_k,
+                                                 long long causal_diag) {
+  if (!need_mask && scale_log2 >= 0.f) return scale_log2;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -46,6 +48,7 @@ __device__ __forceinline__ void prescale_scores(float (&s)[NT][4], float scale_l
       const bool visible = !need_mask || score_visible<CAUSAL>(i, j, seqlen_k, causal_diag);
       s[t][e] = visible ? s[t][e] * scale_log2 : -CUFLASH_INF;
     }
+  return 1.f;
 }
 
 template <int NT>
