@@ -136,6 +136,16 @@ def _cache_dir() -> Path:
     return path
 
 
+def elf_size(image: bytes) -> int:
+    """Bytes a 64-bit ELF image spans by its own header: the end of its section and program
+    header tables, whichever is last (both sit at the end of an NVRTC cubin)."""
+    if len(image) < 64 or image[:4] != b"\x7fELF" or image[4] != 2:
+        raise CompileError("NVRTC returned something that is not a 64-bit ELF cubin")
+    phoff, shoff = int.from_bytes(image[0x20:0x28], "little"), int.from_bytes(image[0x28:0x30], "little")
+    phentsize, phnum, shentsize, shnum = (int.from_bytes(image[o:o + 2], "little") for o in (0x36, 0x38, 0x3A, 0x3C))
+    return max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+
+
 def _nvrtc_compile(source: str, filename: str, options: tuple[str, ...]) -> tuple[bytes, str]:
     nvrtc = _toolchain.nvrtc_module()
     prog = nvrtc.createProgram(source, filename, [], [])
@@ -144,7 +154,15 @@ def _nvrtc_compile(source: str, filename: str, options: tuple[str, ...]) -> tupl
             nvrtc.compileProgram(prog, list(options))
         except nvrtc.NVRTCError as e:
             raise CompileError(f"NVRTC failed on {filename}: {e}\n{nvrtc.getProgramLog(prog)}") from None
-        return bytes(nvrtc.getCUBIN(prog)), nvrtc.getProgramLog(prog)
+        cubin = bytes(nvrtc.getCUBIN(prog))
+        # CuPy's getCUBIN drops the last byte of the image, as it does the NUL that ends a PTX
+        # string (seen with cupy 14.2 and NVRTC 13.5: the program header table ended 1 byte
+        # past the data). The driver loads such a cubin, but cuobjdump rejects it; the missing
+        # byte is the last of the last program header's alignment field (zero).
+        missing = elf_size(cubin) - len(cubin)
+        if missing > 0:
+            cubin += b"\0" * missing
+        return cubin, nvrtc.getProgramLog(prog)
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -187,30 +205,39 @@ def arch_for_capability(major: int, minor: int, hopper: bool) -> str:
 
 _modules: dict[tuple[KernelVariant, int], object] = {}
 _modules_lock = threading.Lock()
+# (variant, function, device) -> [kernel, dynamic shared memory it has been opened up to]:
+# a launch looks its kernel up here with no driver call (a new cupy Function per call, and
+# a cuFuncGetAttribute for its shared-memory limit, cost microseconds every launch).
+_kernels: dict[tuple[KernelVariant, str, int], list] = {}
 
 
 def get_function(variant: KernelVariant, function: str, *, dynamic_smem: int = 0):
     """The CuPy kernel ``function`` of ``variant`` on the current device, compiled on first use.
 
-    Thread-safe: one lock guards the per-(variant, device) module table, so two
-    threads asking for a new variant compile it once.
+    Thread-safe: one lock guards the per-(variant, device) module and kernel tables, so
+    two threads asking for a new variant compile it once.
     """
     import cupy
 
-    device = cupy.cuda.Device()
-    key = (variant, device.id)
-    with _modules_lock:
-        module = _modules.get(key)
-        if module is None:
-            major, minor = (int(c) for c in device.compute_capability)
-            arch = arch_for_capability(major, minor, variant.hopper)
-            result = compile_variant(variant, arch)
-            if not result.cached:
-                log.info("cuflash: compiled %s for %s in %.1f s", variant.name, arch, result.seconds)
-            module = cupy.RawModule(path=str(result.path))
-            _modules[key] = module
-    kernel = module.get_function(function)
-    if dynamic_smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < dynamic_smem:
-        kernel.max_dynamic_shared_size_bytes = dynamic_smem
-    return kernel
+    device_id = cupy.cuda.runtime.getDevice()
+    entry = _kernels.get((variant, function, device_id))
+    if entry is None or entry[1] < dynamic_smem:
+        with _modules_lock:
+            entry = _kernels.get((variant, function, device_id))
+            if entry is None:
+                module = _modules.get((variant, device_id))
+                if module is None:
+                    major, minor = (int(c) for c in cupy.cuda.Device(device_id).compute_capability)
+                    arch = arch_for_capability(major, minor, variant.hopper)
+                    result = compile_variant(variant, arch)
+                    if not result.cached:
+                        log.info("cuflash: compiled %s for %s in %.1f s", variant.name, arch, result.seconds)
+                    module = cupy.RawModule(path=str(result.path))
+                    _modules[(variant, device_id)] = module
+                entry = [module.get_function(function), 48 * 1024]
+                _kernels[(variant, function, device_id)] = entry
+            if entry[1] < dynamic_smem:  # past 48 KB a kernel must opt in to more dynamic shared memory
+                entry[0].max_dynamic_shared_size_bytes = dynamic_smem
+                entry[1] = dynamic_smem
+    return entry[0]
 
