@@ -24,32 +24,59 @@ def _empty(shape, dtype):
     return cupy.empty(shape, dtype=dtype)
 
 
+class _DeviceInfo:
+    """What the launches need to know of a device, read once per device (cupy's
+    Device.attributes asks the driver for every attribute on each call)."""
+
+    def __init__(self, device_id: int):
+        import cupy
+
+        attrs = cupy.cuda.Device(device_id).attributes
+        self.hopper = cupy.cuda.Device(device_id).compute_capability == "90"
+        self.sm_count = int(attrs["MultiProcessorCount"])
+        self.smem_optin = int(attrs["MaxSharedMemoryPerBlockOptin"])  # bytes one block may opt in to
+
+
+_device_info: dict[int, _DeviceInfo] = {}
+
+
+def _device() -> _DeviceInfo:
+    import cupy
+
+    device_id = cupy.cuda.runtime.getDevice()
+    info = _device_info.get(device_id)
+    if info is None:
+        info = _device_info[device_id] = _DeviceInfo(device_id)
+    return info
+
+
 def use_hopper_forward(padded_dim: int) -> bool:
     """Whether the forward runs the sm_90a wgmma kernel: on compute capability 9.0 for the
     head dims it is built for, unless CUFLASH_DISABLE_SM90=1 asks for the sm_80 kernel."""
-    import cupy
-
     if os.environ.get("CUFLASH_DISABLE_SM90", "") == "1" or padded_dim not in SM90_FWD_HEAD_DIMS:
         return False
-    return cupy.cuda.Device().compute_capability == "90"
+    return _device().hopper
 
 
 def use_hopper_backward(padded_dim: int) -> bool:
     """Whether the backward runs the sm_90a wgmma kernel (same rule as use_hopper_forward)."""
-    import cupy
-
     if os.environ.get("CUFLASH_DISABLE_SM90", "") == "1" or padded_dim not in SM90_BWD_HEAD_DIMS:
         return False
-    return cupy.cuda.Device().compute_capability == "90"
+    return _device().hopper
+
+
+_occupancy: dict[tuple[int, int, int], int] = {}
 
 
 def _resident_ctas(fn, threads: int, smem: int) -> int:
     """How many CTAs of `fn` the whole device holds at once (occupancy x SM count)."""
-    import cupy
     from cupy_backends.cuda.api import driver
 
-    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem)
-    return max(1, per_sm) * cupy.cuda.Device().attributes["MultiProcessorCount"]
+    key = (fn.kernel.ptr, threads, smem)  # a kernel handle belongs to one device
+    per_sm = _occupancy.get(key)
+    if per_sm is None:
+        per_sm = _occupancy[key] = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, smem))
+    return per_sm * _device().sm_count
 
 
 # deterministic=True keeps one fp32 dQ accumulator per split; past this many bytes of them
@@ -71,9 +98,7 @@ def dq_splits(n_kblocks: int, bh: int, resident: int, dq_bytes: int) -> int:
 
 def _smem_limit() -> int:
     """Dynamic shared memory one block may opt in to on the current device (bytes)."""
-    import cupy
-
-    return int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+    return _device().smem_optin
 
 
 def _strides(a) -> tuple[np.int64, np.int64, np.int64]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._compile import KernelVariant
 
 import dataclasses
+import functools
 
 __all__ = [
     "MASK_VARIANT",
@@ -34,7 +35,7 @@ CHECK_ARCHS = ("sm_80", "sm_90a")
 
 MASK_VARIANT = KernelVariant(
     entry="dropout_mask.cu",
-    functions=("dropout_mask_kernel", "dropout_mask_elementwise_kernel"),
+    functions=("dropout_mask_kernel", "dropout_mask_elementwise_kernel", "dropout_mask_transposed_kernel"),
 )
 
 CURAND_VECTORS_VARIANT = KernelVariant(
@@ -136,6 +137,7 @@ def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: 
     )
 
 
+@functools.lru_cache(maxsize=None)  # one object per variant: launches look kernels up by it
 def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: bool = False) -> KernelVariant:
     """The forward kernel for a padded head dim (one of HEAD_DIMS); hopper: the sm_90a
     wgmma kernel (head dims in SM90_FWD_HEAD_DIMS only)."""
@@ -149,6 +151,7 @@ def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: 
                          _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim)))
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: AttnTiles | None = None,
                 hopper: bool = False) -> KernelVariant:
     """The backward kernels (main, delta, dq cast, GQA dk/dv reduce) for a padded head dim;
