@@ -11,8 +11,10 @@ _THREADS = 256
 
 
 def dropout_mask(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, *, threshold: int, seed: int,
-                 offset: int, elementwise: bool = False):
-    """bool (batch, nheads, seqlen_q, seqlen_k), True = kept. elementwise: use the per-element path."""
+                 offset: int, elementwise: bool = False, transposed: bool = False):
+    """bool (batch, nheads, seqlen_q, seqlen_k), True = kept. elementwise: the per-element path
+    (the definition); transposed: the Hopper backward's route (dropout_mask.cu); neither: the
+    forward kernels' route."""
     import cupy
 
     out = cupy.empty((batch, nheads, seqlen_q, seqlen_k), dtype=cupy.uint8)
@@ -22,6 +24,12 @@ def dropout_mask(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, *, thres
         fn = get_function(MASK_VARIANT, "dropout_mask_elementwise_kernel")
         blocks = min(-(-out.size // _THREADS), 65536)
         fn((blocks,), (_THREADS,), args)
+    elif transposed:
+        fn = get_function(MASK_VARIANT, "dropout_mask_transposed_kernel")
+        grid = (-(-seqlen_k // 16), -(-seqlen_q // 16), batch * nheads)
+        if grid[1] > 65535 or grid[2] > 65535:
+            raise ValueError(f"the transposed path takes at most 65535 row blocks and batch * nheads, got {grid}")
+        fn(grid, (32,), args)
     else:
         fn = get_function(MASK_VARIANT, "dropout_mask_kernel")
         n_r, n_c = -(-seqlen_q // 16), -(-seqlen_k // 16)

@@ -52,7 +52,9 @@ __device__ __forceinline__ DropoutParams make_dropout_params(unsigned long long 
   return DropoutParams{seed, offset, threshold, scale};
 }
 
-// The four words of 16x16 block (R, C) for `lane` of batch b, head h.
+// The four words of 16x16 block (R, C) for `lane` of batch b, head h. (Calls that share
+// R, b, h, or C, lane, share their first rounds' products: NVVM finds and hoists those common
+// subexpressions itself, as the H100 SASS of 2026-12-01 shows, so no call site spells them out.)
 __device__ __forceinline__ uint4 dropout_block_words(const DropoutParams& dp, unsigned b, unsigned h,
                                                      unsigned R, unsigned C, unsigned lane) {
   const uint4 ctr = make_uint4(C * 32u + lane, R, (b << 16) | h, dp.offset);
@@ -87,14 +89,42 @@ __device__ __forceinline__ bool dropout_keep(const DropoutParams& dp, unsigned b
   return ((word >> (16 * (c & 1))) & 0xffffu) >= dp.threshold;
 }
 
+// keep as a factor, 1.f or 0.f, with no compare: the float whose bits are 0x4B00'uuuu is
+// 2^23 + u exactly (u a 16-bit half of a word, placed by one PRMT), so adding
+// bias = -(2^23 + threshold - 1) gives u - threshold + 1 exactly, and saturating that to
+// [0, 1] gives 1 iff u >= threshold. PRMT + FADD.SAT (+ the FMUL that applies it) leave the
+// integer pipe, which Philox's xors crowd, one instruction per element instead of the two
+// of a compare and a select (ISETP + FSEL). threshold in [0, 2^16): the bias is an integer
+// of magnitude below 2^24, exact in fp32 (threshold 0 keeps everything: u + 1 >= 1).
+__device__ __forceinline__ float dropout_keep_bias(unsigned threshold) {
+  return -(8388608.f + static_cast<float>(static_cast<int>(threshold) - 1));
+}
+__device__ __forceinline__ float saturate_add(float a, float b) {
+  float r;
+  asm("add.sat.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float keep_factor_lo(unsigned word, float bias) {
+  return saturate_add(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7610u)), bias);  // bytes 0, 1 of word
+}
+__device__ __forceinline__ float keep_factor_hi(unsigned word, float bias) {
+  return saturate_add(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7632u)), bias);  // bytes 2, 3 of word
+}
+
 // Zero the dropped elements of one n8 accumulator tile; word_lo covers row lane/4,
 // word_hi row lane/4 + 8, each as (column 2(lane%4), column 2(lane%4)+1) halves.
-__device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsigned word_hi, unsigned threshold) {
-  const unsigned k0 = dropout_pair_keep(word_lo, threshold), k1 = dropout_pair_keep(word_hi, threshold);
-  f[0] = (k0 & 1u) ? f[0] : 0.f;
-  f[1] = (k0 & 2u) ? f[1] : 0.f;
-  f[2] = (k1 & 1u) ? f[2] : 0.f;
-  f[3] = (k1 & 2u) ? f[3] : 0.f;
+// bias = dropout_keep_bias(threshold). Kept elements are multiplied by exactly 1.
+__device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsigned word_hi, float bias) {
+  f[0] *= keep_factor_lo(word_lo, bias);
+  f[1] *= keep_factor_hi(word_lo, bias);
+  f[2] *= keep_factor_lo(word_hi, bias);
+  f[3] *= keep_factor_hi(word_hi, bias);
+}
+
+// The Philox call (`lane` argument of dropout_block_words) that lane t draws for the
+// transposed fragment below: (2 (t % 4) + e_own) * 4 + t / 8, e_own = (t / 4) & 1.
+__device__ __forceinline__ unsigned dropout_t_lane(unsigned lane) {
+  return (2u * (lane & 3u) + ((lane >> 2) & 1u)) * 4u + (lane >> 3);
 }
 
 // The same mask in the transposed fragment: the Hopper backward computes S^T = K Q^T, so
@@ -110,7 +140,7 @@ __device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsi
 __device__ __forceinline__ unsigned dropout_block_keep_t(const DropoutParams& dp, unsigned b, unsigned h,
                                                          unsigned R, unsigned C, unsigned lane) {
   const unsigned e_own = (lane >> 2) & 1u;  // also the word half this lane keeps (c & 1)
-  const uint4 w = dropout_block_words(dp, b, h, R, C, (2u * (lane & 3u) + e_own) * 4u + (lane >> 3));
+  const uint4 w = dropout_block_words(dp, b, h, R, C, dropout_t_lane(lane));
   // Halves (c & 1) of words x, y (key half hc = 0; r >> 3 = 0, 1) and of z, w (hc = 1).
   const unsigned keep_sel = e_own ? 0x7632u : 0x5410u, give_sel = e_own ? 0x5410u : 0x7632u;
   const unsigned mine0 = __byte_perm(w.x, w.y, keep_sel), mine1 = __byte_perm(w.z, w.w, keep_sel);

@@ -1,7 +1,11 @@
 // dropout_mask(): the keep mask as a (B, H, Sq, Sk) uint8 array (1 = kept).
 // Exists so users (and tests) can see the exact mask the attention kernels apply.
 // Thread layout mirrors the attention kernels: one thread per (16x16 block, lane),
-// one Philox call, eight elements written.
+// one Philox call, eight elements written. The three kernels reach the mask by the three
+// routes the kernels use (keep factors in the accumulator fragment: the forwards and the
+// sm_80 backward; keep bits of the transposed fragment with its lane-pair swap: the Hopper
+// backward; the element-wise definition: dropout_keep), so a test that compares each with
+// the NumPy twin checks every route.
 #include "dropout.cuh"
 
 extern "C" __global__ void dropout_mask_kernel(unsigned char* __restrict__ out,  // (B, H, Sq, Sk)
@@ -27,10 +31,12 @@ extern "C" __global__ void dropout_mask_kernel(unsigned char* __restrict__ out, 
     if (i >= Sq) continue;  // last row block may be partial
 #pragma unroll
     for (int n8 = 0; n8 < 2; ++n8) {  // 8-column tile of the 16x16 block
-      const unsigned keep = dropout_pair_keep(words[2 * n8 + rh], threshold);
+      // the keep factors apply_keep multiplies by (the forwards' and the sm_80 backward's route)
+      float f[4] = {1.f, 1.f, 1.f, 1.f};
+      apply_keep(f, words[2 * n8 + rh], words[2 * n8 + rh], dropout_keep_bias(threshold));
       const int j = 16 * C + 8 * n8 + 2 * (lane & 3);
-      if (j < Sk) base[i * Sk + j] = keep & 1u;          // column may fall past Sk
-      if (j + 1 < Sk) base[i * Sk + j + 1] = keep >> 1;
+      if (j < Sk) base[i * Sk + j] = f[0] != 0.f;  // column may fall past Sk
+      if (j + 1 < Sk) base[i * Sk + j + 1] = f[1] != 0.f;
     }
   }
 }
@@ -51,4 +57,29 @@ extern "C" __global__ void dropout_mask_elementwise_kernel(unsigned char* __rest
     const unsigned bh = static_cast<unsigned>(e / (Sk * Sq));
     out[e] = dropout_keep(dp, bh / H, bh % H, i, j) ? 1 : 0;
   }
+}
+
+// The same mask through the Hopper backward's route: one warp per 16x16 block (R, C) of
+// (b, h), lane t drawing call dropout_t_lane(t) and keeping, after the pair swap, the 8 elements of the transposed accumulator fragment: keys
+// 16 C + hc * 8 + t/4, queries 16 R + 8 n8 + 2 (t%4) + e (bit 4 n8 + 2 hc + e).
+extern "C" __global__ void dropout_mask_transposed_kernel(unsigned char* __restrict__ out,
+                                                          int B, int H, long long Sq, int Sk,
+                                                          unsigned long long seed, unsigned offset,
+                                                          unsigned threshold) {
+  using namespace cuflash;
+  const unsigned lane = threadIdx.x & 31;  // blockDim.x == 32: every lane takes part in the shuffles
+  const unsigned C = blockIdx.x, R = blockIdx.y, bh = blockIdx.z;
+  DropoutParams dp{seed, offset, threshold, 1.0f};
+  const unsigned bits = dropout_block_keep_t(dp, bh / H, bh % H, R, C, lane);
+  unsigned char* base = out + static_cast<long long>(bh) * Sq * Sk;
+#pragma unroll
+  for (int n8 = 0; n8 < 2; ++n8)
+#pragma unroll
+    for (int hc = 0; hc < 2; ++hc)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const long long i = 16LL * R + 8 * n8 + 2 * (lane & 3) + e;
+        const long long j = 16LL * C + 8 * hc + (lane >> 2);
+        if (i < Sq && j < Sk) base[i * Sk + j] = (bits >> (4 * n8 + 2 * hc + e)) & 1u;  // edge blocks
+      }
 }

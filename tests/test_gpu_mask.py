@@ -55,13 +55,17 @@ def test_gpu_mask_equals_numpy_twin(cp, shape, p):
     np.testing.assert_array_equal(gpu.get(), ref)
 
 
-def test_fragment_path_equals_elementwise_path(cp):
+@pytest.mark.parametrize("p", [0.0, 0.3, 1 - 2**-16])
+@pytest.mark.parametrize("shape", [(2, 3, 131, 75), (1, 2, 17, 300)])
+def test_every_route_to_the_mask_equals_the_twin(cp, shape, p):
+    """The keep factors of the forwards, the keep bits of the Hopper backward's transposed
+    fragment, and the element-wise definition (kernels_cu/dropout_mask.cu) vs the NumPy twin."""
     from cuflash._mask_gpu import dropout_mask
 
-    args = dict(threshold=drop_threshold(0.3), seed=99, offset=5)
-    a = dropout_mask(2, 3, 131, 75, **args)
-    b = dropout_mask(2, 3, 131, 75, elementwise=True, **args)
-    assert bool((a == b).all())
+    args = dict(threshold=drop_threshold(p), seed=(1 << 63) + 99, offset=5)
+    ref = dropout_mask_numpy(*shape, **args)
+    for route in ({}, {"elementwise": True}, {"transposed": True}):
+        np.testing.assert_array_equal(dropout_mask(*shape, **args, **route).get(), ref, err_msg=str(route))
 
 
 def test_gpu_mask_statistics(cp):
