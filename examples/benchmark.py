@@ -9,6 +9,13 @@ reports TFLOP/s (fwd = 4·B·H·Sq·Sk·D, halved when causal; bwd = 2.5 x fwd).
 is importable, times scaled_dot_product_attention with the FLASH_ATTENTION (FA2) and
 CUDNN_ATTENTION backends on the same shapes in the same run. Writes bench.json and
 bench.png. torch is never a dependency of cuflash.
+
+Each repeat times a run of back-to-back calls between two events (enough calls for a
+few milliseconds, each on the next input set), so the GPU time of a call is measured
+and the host's launch work overlaps the previous call, as in a training step. The
+json also keeps, per row and library, the time of a single call issued to an idle
+GPU (``*_call_ms``: GPU time plus whatever host work precedes the launch) and the
+host time to issue one call (``*_host_us``).
 """
 
 from __future__ import annotations
@@ -32,38 +39,64 @@ def _dtype(name):
     return np.float16
 
 
-def median_ms(fn, sets, reps=10, warmup=3):
-    import cupy as cp
+def timings(fn, items, new_event, elapsed_ms, reps=10, warmup=3, target_ms=5.0, max_inner=50):
+    """(back-to-back ms per call, single-call ms, host us per call) of fn over items, rotated.
+
+    new_event() makes a timing event with record() and synchronize() on the library's
+    current stream; elapsed_ms(a, b) reads two of them. Single calls: event, call, event,
+    each issued to an idle GPU. Back to back: `inner` calls between two events, inner
+    chosen for about target_ms per repeat. Medians over `reps` repeats.
+    """
+    import time
 
     for i in range(warmup):
-        fn(sets[i % len(sets)])
-    cp.cuda.Device().synchronize()
-    times = []
+        fn(items[i % len(items)])
+    single = []
     for i in range(reps):
-        s = sets[i % len(sets)]
-        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a, b = new_event(), new_event()
         a.record()
-        fn(s)
+        fn(items[i % len(items)])
         b.record()
         b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
+        single.append(elapsed_ms(a, b))
+    call_ms = float(np.median(single))
+    inner = max(1, min(max_inner, math.ceil(target_ms / max(call_ms, 1e-3))))
+    runs, host = [], []
+    for r in range(reps):
+        a, b = new_event(), new_event()
+        a.record()
+        t0 = time.perf_counter()
+        for i in range(inner):
+            fn(items[(r * inner + i) % len(items)])
+        host.append((time.perf_counter() - t0) / inner * 1e6)
+        b.record()
+        b.synchronize()
+        runs.append(elapsed_ms(a, b) / inner)
+    return float(np.median(runs)), call_ms, float(np.median(host))
+
+
+def cupy_timings(fn, items):
+    import cupy as cp
+
+    cp.cuda.Device().synchronize()
+    return timings(fn, items, cp.cuda.Event, cp.cuda.get_elapsed_time)
 
 
 def n_sets(bytes_per_set: int, l2_bytes: int = 50 << 20) -> int:
     return max(2, min(8, math.ceil(3 * l2_bytes / max(bytes_per_set, 1))))
 
 
-def bench_cuflash(B, S, H, D, causal, p, dt):
+def bench_cuflash(B, S, H, D, causal, p, dt, deterministic=False):
     import cupy as cp
 
     rng = cp.random.default_rng(0)
     mk = lambda: rng.standard_normal((B, S, H, D), dtype=cp.float32).astype(_dtype(dt))  # noqa: E731
     sets = [tuple(mk() for _ in range(4)) for _ in range(n_sets(4 * B * S * H * D * 2))]
-    ctxs = [cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=1)[1] for q, k, v, _ in sets]
-    fwd = median_ms(lambda s: cuflash.attention_forward(s[0], s[1], s[2], dropout_p=p, causal=causal), sets)
+    ctxs = [cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=1, deterministic=deterministic)[1]
+            for q, k, v, _ in sets]
+    fwd = cupy_timings(lambda s: cuflash.attention_forward(s[0], s[1], s[2], dropout_p=p, causal=causal), sets)
     pairs = list(zip(sets, ctxs))
-    bwd = median_ms(lambda sc: cuflash.attention_backward(sc[0][3], sc[1]), pairs)
+    bwd = cupy_timings(lambda sc: cuflash.attention_backward(sc[0][3], sc[1]), pairs)
     return fwd, bwd
 
 
@@ -82,19 +115,9 @@ def bench_torch(B, S, H, D, causal, p, dt, backend_name):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(s[0], s[1], s[2], dropout_p=p, is_causal=causal)
 
-    def tm(fn, items, reps=10):
-        for i in range(3):
-            fn(items[i % len(items)])
+    def tm(fn, items):
         torch.cuda.synchronize()
-        ts = []
-        for i in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(items[i % len(items)])
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return float(np.median(ts))
+        return timings(fn, items, lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
 
     try:
         with torch.no_grad():
@@ -122,6 +145,44 @@ def validate():
     print(f"validated: max |out - fp64 ref| = {err:.2e} (same mask)")
 
 
+def _row_entry(flops, fwd, bwd):
+    """Timings -> the json fields of one library's row; TFLOP/s from the back-to-back times."""
+    return dict(fwd_ms=fwd[0], bwd_ms=bwd[0], fwd_tflops=flops / fwd[0] / 1e9, bwd_tflops=2.5 * flops / bwd[0] / 1e9,
+                fwd_call_ms=fwd[1], bwd_call_ms=bwd[1], fwd_host_us=fwd[2], bwd_host_us=bwd[2])
+
+
+def markdown_table(rows, peers) -> str:
+    """The rows as the markdown table of examples/BENCH.md (TFLOP/s; ratios to FA2)."""
+    det = any("cuflash_det" in r for r in rows)
+    head = ["dtype", "hd", "mask", "p", "seqlen", "cuflash fwd", "cuflash bwd"]
+    for peer in peers:
+        head += [f"{_SHORT[peer]} fwd", f"{_SHORT[peer]} bwd"]
+    if "FLASH_ATTENTION" in peers:
+        head += ["fwd vs FA2", "bwd vs FA2"]
+    if det:
+        head += ["det bwd cost"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        dt = "fp16" if r["dtype"] == "float16" else "bf16"
+        cells = [dt, r["head_dim"], "causal" if r["causal"] else "full", r["p"], r["seqlen"],
+                 f"{r['cuflash']['fwd_tflops']:.0f}", f"{r['cuflash']['bwd_tflops']:.0f}"]
+        for peer in peers:
+            e = r[peer]
+            cells += ["n/a", "n/a"] if "error" in e else [f"{e['fwd_tflops']:.0f}", f"{e['bwd_tflops']:.0f}"]
+        if "FLASH_ATTENTION" in peers:
+            e = r["FLASH_ATTENTION"]
+            cells += (["n/a", "n/a"] if "error" in e else
+                      [f"{r['cuflash']['fwd_tflops'] / e['fwd_tflops']:.2f}",
+                       f"{r['cuflash']['bwd_tflops'] / e['bwd_tflops']:.2f}"])
+        if det:
+            cells.append(f"{100 * (r['cuflash_det']['bwd_ms'] / r['cuflash']['bwd_ms'] - 1):+.1f} %")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+_SHORT = {"FLASH_ATTENTION": "FA2", "CUDNN_ATTENTION": "cuDNN"}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="seqlen 1k/4k/16k, fp16 only")
@@ -131,6 +192,8 @@ def main():
     ap.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
     ap.add_argument("--dtypes", help="comma-separated: float16,bfloat16")
     ap.add_argument("--ps", default="0.0,0.1", help="comma-separated dropout probabilities")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also time cuflash's backward with deterministic=True (row key cuflash_det)")
     args = ap.parse_args()
     validate()
     try:
@@ -156,16 +219,17 @@ def main():
                         B, H = 16384 // S, 2048 // D
                         flops = 4 * B * H * S * S * D / (2 if causal else 1)
                         row = dict(dtype=dt, head_dim=D, causal=causal, p=p, seqlen=S, batch=B, heads=H)
-                        f, b = bench_cuflash(B, S, H, D, causal, p, dt)
-                        row["cuflash"] = dict(fwd_ms=f, bwd_ms=b, fwd_tflops=flops / f / 1e9,
-                                              bwd_tflops=2.5 * flops / b / 1e9)
+                        row["cuflash"] = _row_entry(flops, *bench_cuflash(B, S, H, D, causal, p, dt))
+                        if args.deterministic:
+                            row["cuflash_det"] = _row_entry(flops, *bench_cuflash(B, S, H, D, causal, p, dt, True))
                         for peer in peers:
                             f, b = bench_torch(B, S, H, D, causal, p, dt, peer)
-                            row[peer] = (dict(fwd_ms=f, bwd_ms=b, fwd_tflops=flops / f / 1e9,
-                                              bwd_tflops=2.5 * flops / b / 1e9) if f else dict(error=b))
+                            row[peer] = _row_entry(flops, f, b) if f else dict(error=b)
                         rows.append(row)
                         line = (f"{dt:8s} d{D:<3d} {'causal' if causal else 'full  '} p={p:.1f} S={S:5d} | cuflash "
                                 f"{row['cuflash']['fwd_tflops']:6.1f} / {row['cuflash']['bwd_tflops']:6.1f}")
+                        if args.deterministic:
+                            line += f" (det bwd {row['cuflash_det']['bwd_tflops']:6.1f})"
                         for peer in peers:
                             r = row[peer]
                             line += (f" | {peer[:5]} {r['fwd_tflops']:6.1f} / {r['bwd_tflops']:6.1f}"
@@ -194,7 +258,13 @@ def main():
         fig.savefig(out / "bench.png", dpi=100)
     except ImportError:
         pass
-    print("TFLOP/s as fwd / bwd; wrote", out / "bench.json")
+    table = markdown_table(rows, peers)
+    (out / "bench.md").write_text(table + "\n")
+    print(table)
+    host = {name: np.median([r[name]["fwd_host_us"] for r in rows if "fwd_host_us" in r.get(name, {})])
+            for name in ["cuflash", *peers]}
+    print("median host time to issue one forward call (us): " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
+    print("TFLOP/s from back-to-back calls; wrote", out / "bench.json", "and bench.md")
 
 
 if __name__ == "__main__":
