@@ -110,7 +110,8 @@ def test_first_compile_from_two_threads(cp, monkeypatch, tmp_path):
     """Both threads ask for a variant nobody has compiled yet: one compile, right results."""
     from cuflash import _compile
 
-    monkeypatch.setattr(_compile, "_modules", {})  # empty in-memory module table
+    monkeypatch.setattr(_compile, "_modules", {})  # empty in-memory module and kernel tables
+    monkeypatch.setattr(_compile, "_kernels", {})
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))  # empty disk cache: a real NVRTC compile
     calls: collections.Counter = collections.Counter()
     calls_lock = threading.Lock()
