@@ -68,7 +68,6 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const int n_mblocks = static_cast<int>((seqlen_q + kBlockM - 1) / kBlockM);
   const int n_kblocks = static_cast<int>((seqlen_k + kBlockN - 1) / kBlockN);
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
-  const float keep_bias = dropout_keep_bias(threshold);
   float* dq_split = dq_accum + blockIdx.x * dq_split_stride;
 
   for (int t = 0; t * static_cast<int>(gridDim.x) < n_kblocks; ++t) {
@@ -167,10 +166,10 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
         for (int c16 = 0; c16 < kSN / 16; ++c16) {
           const unsigned C = static_cast<unsigned>(((k_start + j_base) >> 4) + c16);
           const uint4 w = dropout_block_words(dp, b, h, R, C, lane);
-          apply_keep(pd[2 * c16], w.x, w.y, keep_bias);
-          apply_keep(pd[2 * c16 + 1], w.z, w.w, keep_bias);
-          apply_keep(dpv[2 * c16], w.x, w.y, keep_bias);
-          apply_keep(dpv[2 * c16 + 1], w.z, w.w, keep_bias);
+          apply_keep(pd[2 * c16], w.x, w.y, threshold);
+          apply_keep(pd[2 * c16 + 1], w.z, w.w, threshold);
+          apply_keep(dpv[2 * c16], w.x, w.y, threshold);
+          apply_keep(dpv[2 * c16 + 1], w.z, w.w, threshold);
         }
       }
 #pragma unroll

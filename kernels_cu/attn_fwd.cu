@@ -67,7 +67,6 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
   const long long row_lo = m0 + warp * 16 + (lane >> 2);  // this thread's first row; second is +8
-  const float keep_bias = dropout_keep_bias(threshold);
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
@@ -94,8 +93,8 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       for (int c16 = 0; c16 < kNT / 2; ++c16) {
         const unsigned C = static_cast<unsigned>(((k_start + n0) >> 4) + c16);
         const uint4 w = dropout_block_words(dp, b, h, R, C, lane);
-        apply_keep(s[2 * c16], w.x, w.y, keep_bias);      // n8 tile 0: words 0 (rows 0-7), 1 (rows 8-15)
-        apply_keep(s[2 * c16 + 1], w.z, w.w, keep_bias);  // n8 tile 1: words 2, 3
+        apply_keep(s[2 * c16], w.x, w.y, threshold);      // n8 tile 0: words 0 (rows 0-7), 1 (rows 8-15)
+        apply_keep(s[2 * c16 + 1], w.z, w.w, threshold);  // n8 tile 1: words 2, 3
       }
     }
 

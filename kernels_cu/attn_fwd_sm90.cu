@@ -97,7 +97,6 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const long long warp_m0 = m0 + wg * 64 + wq * 16;  // this warp's first query row
   const long long row_lo = warp_m0 + (lane >> 2);     // this thread's first row; second is +8
   const unsigned q_addr = smem_u32(sQ) + wg * 64 * 128;  // this warpgroup's rows of chunk 0
-  const float keep_bias = dropout_keep_bias(threshold);
 
   // S = Q K(nb)^T, issued (not waited for): head-dim step ks reads 32 bytes at
   // (ks % 4) * 32 of 64-column chunk ks / 4 of Q and of K.
@@ -135,8 +134,8 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 #pragma unroll
       for (int c16 = 0; c16 < kNT / 2; ++c16) {
         const uint4 w = dropout_block_words(dp, b, h, R, C0 + c16, lane);
-        apply_keep(s[2 * c16], w.x, w.y, keep_bias);      // n8 tile 0: rows 0-7, 8-15
-        apply_keep(s[2 * c16 + 1], w.z, w.w, keep_bias);  // n8 tile 1
+        apply_keep(s[2 * c16], w.x, w.y, threshold);      // n8 tile 0: rows 0-7, 8-15
+        apply_keep(s[2 * c16 + 1], w.z, w.w, threshold);  // n8 tile 1
       }
     }
   };

@@ -54,7 +54,7 @@ __device__ __forceinline__ DropoutParams make_dropout_params(unsigned long long 
 
 // The four words of 16x16 block (R, C) for `lane` of batch b, head h. (Calls that share
 // R, b, h, or C, lane, share their first rounds' products: NVVM finds and hoists those common
-// subexpressions itself, as the H100 SASS of 2026-12-01 shows, so no call site spells them out.)
+// subexpressions itself (sm_90a SASS, 2026-12-01: 18 products per call), so no call site spells them out.)
 __device__ __forceinline__ uint4 dropout_block_words(const DropoutParams& dp, unsigned b, unsigned h,
                                                      unsigned R, unsigned C, unsigned lane) {
   const uint4 ctr = make_uint4(C * 32u + lane, R, (b << 16) | h, dp.offset);
@@ -89,36 +89,17 @@ __device__ __forceinline__ bool dropout_keep(const DropoutParams& dp, unsigned b
   return ((word >> (16 * (c & 1))) & 0xffffu) >= dp.threshold;
 }
 
-// keep as a factor, 1.f or 0.f, with no compare: the float whose bits are 0x4B00'uuuu is
-// 2^23 + u exactly (u a 16-bit half of a word, placed by one PRMT), so adding
-// bias = -(2^23 + threshold - 1) gives u - threshold + 1 exactly, and saturating that to
-// [0, 1] gives 1 iff u >= threshold. PRMT + FADD.SAT (+ the FMUL that applies it) leave the
-// integer pipe, which Philox's xors crowd, one instruction per element instead of the two
-// of a compare and a select (ISETP + FSEL). threshold in [0, 2^16): the bias is an integer
-// of magnitude below 2^24, exact in fp32 (threshold 0 keeps everything: u + 1 >= 1).
-__device__ __forceinline__ float dropout_keep_bias(unsigned threshold) {
-  return -(8388608.f + static_cast<float>(static_cast<int>(threshold) - 1));
-}
-__device__ __forceinline__ float saturate_add(float a, float b) {
-  float r;
-  asm("add.sat.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float keep_factor_lo(unsigned word, float bias) {
-  return saturate_add(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7610u)), bias);  // bytes 0, 1 of word
-}
-__device__ __forceinline__ float keep_factor_hi(unsigned word, float bias) {
-  return saturate_add(__uint_as_float(__byte_perm(word, 0x4B000000u, 0x7632u)), bias);  // bytes 2, 3 of word
-}
-
 // Zero the dropped elements of one n8 accumulator tile; word_lo covers row lane/4,
 // word_hi row lane/4 + 8, each as (column 2(lane%4), column 2(lane%4)+1) halves.
-// bias = dropout_keep_bias(threshold). Kept elements are multiplied by exactly 1.
-__device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsigned word_hi, float bias) {
-  f[0] *= keep_factor_lo(word_lo, bias);
-  f[1] *= keep_factor_hi(word_lo, bias);
-  f[2] *= keep_factor_lo(word_hi, bias);
-  f[3] *= keep_factor_hi(word_hi, bias);
+// (Tried, H200 2026-12-01: keep as a factor 1.f / 0.f from PRMT + FADD.SAT, multiplied in,
+// to take the compare and select off the integer pipe. ALU pipe 45 -> 40 % busy, but more
+// instructions, and the hd 64 forward ran 2.50 vs 2.41 ms: the integer pipe is not its limit.)
+__device__ __forceinline__ void apply_keep(float (&f)[4], unsigned word_lo, unsigned word_hi, unsigned threshold) {
+  const unsigned k0 = dropout_pair_keep(word_lo, threshold), k1 = dropout_pair_keep(word_hi, threshold);
+  f[0] = (k0 & 1u) ? f[0] : 0.f;
+  f[1] = (k0 & 2u) ? f[1] : 0.f;
+  f[2] = (k1 & 1u) ? f[2] : 0.f;
+  f[3] = (k1 & 2u) ? f[3] : 0.f;
 }
 
 // The Philox call (`lane` argument of dropout_block_words) that lane t draws for the

@@ -2,10 +2,10 @@
 // Exists so users (and tests) can see the exact mask the attention kernels apply.
 // Thread layout mirrors the attention kernels: one thread per (16x16 block, lane),
 // one Philox call, eight elements written. The three kernels reach the mask by the three
-// routes the kernels use (keep factors in the accumulator fragment: the forwards and the
-// sm_80 backward; keep bits of the transposed fragment with its lane-pair swap: the Hopper
-// backward; the element-wise definition: dropout_keep), so a test that compares each with
-// the NumPy twin checks every route.
+// routes the kernels use (the accumulator fragment: the forwards and the sm_80 backward;
+// keep bits of the transposed fragment with its lane-pair swap: the Hopper backward; the
+// element-wise definition: dropout_keep), so a test that compares each with the NumPy twin
+// checks every route.
 #include "dropout.cuh"
 
 extern "C" __global__ void dropout_mask_kernel(unsigned char* __restrict__ out,  // (B, H, Sq, Sk)
@@ -31,12 +31,10 @@ extern "C" __global__ void dropout_mask_kernel(unsigned char* __restrict__ out, 
     if (i >= Sq) continue;  // last row block may be partial
 #pragma unroll
     for (int n8 = 0; n8 < 2; ++n8) {  // 8-column tile of the 16x16 block
-      // the keep factors apply_keep multiplies by (the forwards' and the sm_80 backward's route)
-      float f[4] = {1.f, 1.f, 1.f, 1.f};
-      apply_keep(f, words[2 * n8 + rh], words[2 * n8 + rh], dropout_keep_bias(threshold));
+      const unsigned keep = dropout_pair_keep(words[2 * n8 + rh], threshold);
       const int j = 16 * C + 8 * n8 + 2 * (lane & 3);
-      if (j < Sk) base[i * Sk + j] = f[0] != 0.f;  // column may fall past Sk
-      if (j + 1 < Sk) base[i * Sk + j + 1] = f[1] != 0.f;
+      if (j < Sk) base[i * Sk + j] = keep & 1u;          // column may fall past Sk
+      if (j + 1 < Sk) base[i * Sk + j + 1] = keep >> 1;
     }
   }
 }
@@ -60,8 +58,9 @@ extern "C" __global__ void dropout_mask_elementwise_kernel(unsigned char* __rest
 }
 
 // The same mask through the Hopper backward's route: one warp per 16x16 block (R, C) of
-// (b, h), lane t drawing call dropout_t_lane(t) and keeping, after the pair swap, the 8 elements of the transposed accumulator fragment: keys
-// 16 C + hc * 8 + t/4, queries 16 R + 8 n8 + 2 (t%4) + e (bit 4 n8 + 2 hc + e).
+// (b, h), lane t drawing call dropout_t_lane(t) and keeping, after the pair swap, the 8
+// elements of the transposed accumulator fragment: keys 16 C + hc * 8 + t/4, queries
+// 16 R + 8 n8 + 2 (t%4) + e (bit 4 n8 + 2 hc + e).
 extern "C" __global__ void dropout_mask_transposed_kernel(unsigned char* __restrict__ out,
                                                           int B, int H, long long Sq, int Sk,
                                                           unsigned long long seed, unsigned offset,

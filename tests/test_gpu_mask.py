@@ -58,7 +58,7 @@ def test_gpu_mask_equals_numpy_twin(cp, shape, p):
 @pytest.mark.parametrize("p", [0.0, 0.3, 1 - 2**-16])
 @pytest.mark.parametrize("shape", [(2, 3, 131, 75), (1, 2, 17, 300)])
 def test_every_route_to_the_mask_equals_the_twin(cp, shape, p):
-    """The keep factors of the forwards, the keep bits of the Hopper backward's transposed
+    """The forwards' accumulator fragment, the keep bits of the Hopper backward's transposed
     fragment, and the element-wise definition (kernels_cu/dropout_mask.cu) vs the NumPy twin."""
     from cuflash._mask_gpu import dropout_mask
 
