@@ -115,6 +115,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   float s[kNT][4];  // scores of one key block, then its P
   float(&s_flat)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(s);
   float corr[2];        // acc_o rescale that the softmax of the newest block asks for
+  bool rescale = false;  // whether it asks for one (softmax.cuh: lazy row max)
   unsigned pa[kKSteps][4];  // P of block nb as the A fragments of P V(nb), 4 registers per 16 keys
 
   // Scores of block nb (in s, wgmma done) -> P with masking, online softmax and dropout.
@@ -123,7 +124,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     // Masking: only blocks that cross the key end or the causal diagonal need it.
     const bool need_mask = (n0 + kBlockN > seqlen_k) || (kCausal && n0 + kBlockN - 1 > m0 + causal_diag);
     const float sc = prescale_scores<kCausal>(s, scale_log2, need_mask, row_lo, n0, lane, seqlen_k, causal_diag);
-    sm.update_scores(s, sc, corr);  // s becomes P (un-normalised, undropped)
+    rescale = sm.update_scores<true>(s, sc, corr);  // s becomes P (un-normalised, undropped)
     if constexpr (kDropout) {
       // One Philox call per thread per 16x16 block, drawn right before its keep bits are
       // applied: this runs while P V(nb-1) is on the tensor cores. (Drawing all of a
@@ -179,7 +180,9 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     cp_async_commit();
     if (has_next) issue_s(s_flat, nb + 1);  // s is free: P(nb) already sits in pa
 
-    OnlineSoftmax<kNT>::rescale(acc_o, corr);  // P V(nb-1) was waited for at the end of block nb-1
+    // P V(nb-1) was waited for at the end of block nb-1. Warp-uniform branch: most blocks
+    // after the first few keep the row max and skip the kDT * 4 multiplies.
+    if (rescale) OnlineSoftmax<kNT>::rescale(acc_o, corr);
 
     // acc_o += P V(nb): key step ks starts at row 16 ks; LBO steps to the next 64 head-dim columns.
     const unsigned v_addr = smem_u32(sV + (nb & 1) * kTileKV);

@@ -51,6 +51,9 @@ __device__ __forceinline__ float prescale_scores(float (&s)[NT][4], float scale_
   return 1.f;
 }
 
+// exp2 units a lazily kept row max may lag the true one (OnlineSoftmax::update_scores).
+constexpr float kLazySlack = 8.f;
+
 template <int NT>
 struct OnlineSoftmax {
   float m[2] = {-CUFLASH_INF, -CUFLASH_INF};  // row max so far, rows lane/4 and lane/4 + 8
@@ -71,20 +74,41 @@ struct OnlineSoftmax {
 
   // The two halves of update(), for a caller that must rescale acc later (the Hopper
   // kernel: acc may still be an operand of an in-flight wgmma while the scores are done).
-  __device__ __forceinline__ void update_scores(float (&s)[NT][4], float scale_log2, float (&corr)[2]) {
+  //
+  // kLazy (FlashAttention-4's conditional rescaling): when no row of the warp has a new max
+  // more than kLazySlack above the one in use, keep the old max for every row of the warp:
+  // corr is 1, l and acc need no rescale, and p = exp2(s * scale - m) may reach 2^kLazySlack
+  // (256; fp16 and bf16 hold it with full relative precision, fp32 l and acc with room to
+  // spare). Any max gives the same softmax and lse = (m + log2 l) ln 2, only the rounding
+  // of p moves. Returns whether acc must be rescaled by corr (always, without kLazy).
+  template <bool kLazy = false>
+  __device__ __forceinline__ bool update_scores(float (&s)[NT][4], float scale_log2, float (&corr)[2]) {
+    float m_new[2];
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       float mx = -CUFLASH_INF;
 #pragma unroll
       for (int t = 0; t < NT; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * rh], s[t][2 * rh + 1]));
       // max(s) * scale = max(s * scale) for scale >= 0 (rounding is monotone)
-      const float m_new = fmaxf(m[rh], quad_max(mx) * scale_log2);
-      // A row that has seen no visible key yet has m_new = -inf: subtract 0 instead, so
-      // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-      const float m_use = m_new == -CUFLASH_INF ? 0.f : m_new;
-      corr[rh] = fast_exp2(m[rh] - m_use);  // m_old = -inf gives 0: nothing to rescale
-      m[rh] = m_new;
-      l[rh] *= corr[rh];
+      m_new[rh] = fmaxf(m[rh], quad_max(mx) * scale_log2);
+    }
+    // m_new <= m + slack is false when m_new is NaN, and true when both are -inf (a row that
+    // has seen no visible key yet keeps m = -inf, and its p are exp2(-inf - 0) = 0 below).
+    const bool keep_max = kLazy && __all_sync(0xffffffffu, m_new[0] <= m[0] + kLazySlack &&
+                                                               m_new[1] <= m[1] + kLazySlack);
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      if (!keep_max) {
+        // A row that has seen no visible key yet has m_new = -inf: subtract 0 instead (below),
+        // so exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+        const float m_use_new = m_new[rh] == -CUFLASH_INF ? 0.f : m_new[rh];
+        corr[rh] = fast_exp2(m[rh] - m_use_new);  // m_old = -inf gives 0: nothing to rescale
+        m[rh] = m_new[rh];
+        l[rh] *= corr[rh];
+      } else {
+        corr[rh] = 1.f;
+      }
+      const float m_use = m[rh] == -CUFLASH_INF ? 0.f : m[rh];
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         s[t][2 * rh] = fast_exp2(fmaf(s[t][2 * rh], scale_log2, -m_use));
@@ -92,6 +116,7 @@ struct OnlineSoftmax {
         l[rh] += s[t][2 * rh] + s[t][2 * rh + 1];
       }
     }
+    return !keep_max;
   }
 
   template <int DT>
