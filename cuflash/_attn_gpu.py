@@ -96,19 +96,6 @@ def dq_splits(n_kblocks: int, bh: int, resident: int, dq_bytes: int) -> int:
     return min(s for s, c in cost.items() if c <= 1.05 * best)
 
 
-def use_ordered_dq(hopper: bool, causal: bool, n_kblocks: int, resident: int) -> bool:
-    """Whether a deterministic backward takes turns at each dQ tile in one accumulator
-    (attn_bwd_sm90.cu) rather than adding into dQ splits. The Hopper kernel only. Under
-    causal masking every wait points at a CTA launched earlier (key blocks right to left),
-    so any count of key blocks is safe. Without it the rotated walk has CTAs of one (b, h)
-    wait on each other in a ring, so all of them must be resident at once: at most
-    `resident` key blocks (CTAs the device holds; other work on the GPU must leave them room).
-    CUFLASH_DQ_SPLITS=1 asks for the splits everywhere."""
-    if not hopper or os.environ.get("CUFLASH_DQ_SPLITS", "") == "1":
-        return False
-    return causal or n_kblocks <= resident
-
-
 def _smem_limit() -> int:
     """Dynamic shared memory one block may opt in to on the current device (bytes)."""
     return _device().smem_optin
@@ -200,13 +187,7 @@ def backward(dout, ctx):
     threads = 32 * tiles.warps
     n_kblocks = -(-Sk // tiles.block_n)
     accum = B * H * Sq * d_pad  # elements of one dQ accumulator
-    dq_sem = None
-    if ctx.deterministic and use_ordered_dq(hopper, ctx.causal, n_kblocks, _resident_ctas(fn, threads, smem)):
-        # One CTA per key block, taking turns at each dQ tile (attn_bwd_sm90.cu): a counter
-        # per (b, h, query block, warpgroup tile).
-        splits, workers, split_stride = 1, n_kblocks, 0
-        dq_sem = cupy.zeros((B * H, -(-Sq // tiles.block_m), tiles.warps // 4), dtype=cupy.int32)
-    elif ctx.deterministic:
+    if ctx.deterministic:
         # One CTA per (split, b, h) walks its share of the key blocks; each split's
         # accumulator then has one writer per element (see attn_bwd.cu).
         splits = dq_splits(n_kblocks, B * H, _resident_ctas(fn, threads, smem), 4 * accum)
@@ -217,7 +198,7 @@ def backward(dout, ctx):
     fn((workers, B * H, 1), (threads,), (
         q, k, v, dout, ctx.lse, delta, dq_accum, dk, dv,
         dk_part if dk_part is not None else null, dv_part if dv_part is not None else null,
-        np.int64(split_stride), dq_sem if dq_sem is not None else null,
+        np.int64(split_stride),
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         np.int32(H), np.int32(group), np.int64(Sq), np.int64(Sk), np.int32(D),
         np.float32(ctx.softmax_scale * _LOG2E), np.float32(ctx.softmax_scale), *tail,

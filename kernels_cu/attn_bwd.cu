@@ -44,7 +44,6 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
                 float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
                 float* __restrict__ dk_part, float* __restrict__ dv_part,
                 long long dq_split_stride,  // elements between splits: 0 (default) or B*H*Sq*kHeadDim
-                int* __restrict__ dq_sem,   // the Hopper kernel's ordered dQ adds; always null here
                 STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(do), STRIDE_ARGS(dkv),
                 int nheads, int group, long long seqlen_q, long long seqlen_k, int head_dim,
                 float scale_log2, float softmax_scale, SHARD_ARGS, RNG_ARGS) {

@@ -21,20 +21,6 @@
 // dQ of a query block is one 64 x 64 tile (64 queries x 64 head-dim columns) per
 // warpgroup (hd 128 x 64 queries, hd 64 x 128 queries), summed over all kBlockN keys, so
 // each dQ element has one writer thread in the CTA.
-//
-// Deterministic dQ, two ways (Python picks; attn_bwd.cu's dQ splits are the other):
-//  - dq_sem == null: the launch's gridDim.x CTAs per (b, h) each add into their own split
-//    (dq_split_stride apart), one writer per element, summed in order after the kernel.
-//  - dq_sem != null (ordered): one CTA per key block, all adding into one accumulator, and
-//    the CTAs that add to a dQ tile take turns in a fixed order, kept by a counter per tile
-//    (dq_sem: (B*H, n_mblocks, kWarpgroups) int32, zeroed). The order is the one in which
-//    the CTAs reach the tile when they run in step: without causal masking CTA n walks the
-//    query blocks from floor(n * M / N) on, wrapping around (M query, N key blocks), so at
-//    each step the CTAs of a (b, h) hold distinct query blocks and the tile's next writer
-//    arrives a step after its last one; under causal masking the key blocks run right to
-//    left (blockIdx.x 0 takes the last one) and walk up from their first visible query
-//    block, so a tile's writers come in decreasing key order. The accumulator stays in L2,
-//    as with atomics (the splits stream through DRAM: +9-19 % at S = 16k on the H200).
 #include "attn_bwd_aux.cuh"
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
@@ -69,55 +55,12 @@ __device__ __forceinline__ void red_add_v2(float* dst, float a, float b) {
   asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
 }
 
-// The ordered dQ adds (see the top of this file). One elected thread per warpgroup waits on
-// or releases a tile's counter; a named barrier (ids 1, 2: bar 0 is __syncthreads) orders
-// the warpgroup's adds after the acquire and before the release, as CUTLASS's semaphore does.
-__device__ __forceinline__ void warpgroup_barrier(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-__device__ __forceinline__ void wait_turn(const int* sem, int turn) {
-  int v;
-  do {
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(sem) : "memory");
-  } while (v != turn);
-}
-__device__ __forceinline__ void pass_turn(int* sem, int next_turn) {
-  asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(sem), "r"(next_turn) : "memory");
-}
-
-// Non-causal order: CTA n starts at query block rot(n) = floor(n M / N); rot_below(x) =
-// #{n : rot(n) < x} = ceil(x N / M). Its turn at query block j is the number of CTAs that
-// reach j at an earlier step ((j - rot) mod M smaller), or at the same step with a smaller n.
-__device__ __forceinline__ int ordered_rotation(int n, int M, int N) {
-  return static_cast<int>(static_cast<long long>(n) * M / N);
-}
-__device__ __forceinline__ int ordered_turn(int n, int j, int M, int N) {
-  const auto rot_below = [&](int x) { return static_cast<int>((static_cast<long long>(x) * N + M - 1) / M); };
-  const int r = ordered_rotation(n, M, N);
-  const int earlier = r <= j ? rot_below(j + 1) - rot_below(r + 1) : rot_below(j + 1) + N - rot_below(r + 1);
-  return earlier + (n - rot_below(r));
-}
-// Causal order: the writers of query block j are the key blocks n' whose first visible
-// query block is at most j, a prefix [0, hi) of the key blocks (that block is monotone in
-// n'); they come in decreasing n', so key block n's turn is hi - 1 - n.
-template <int BM, int BN>
-__device__ __forceinline__ int ordered_turn_causal(int n, int j, int N, long long causal_diag) {
-  int lo = n + 1, hi = N;  // n itself sees j; find the first n' > n that does not
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (first_query_seeing<true>(static_cast<long long>(mid) * BN, causal_diag) / BM <= j) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo - 1 - n;
-}
-
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
                 const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                 float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
                 float* __restrict__ dk_part, float* __restrict__ dv_part,
                 long long dq_split_stride,  // elements between splits: 0 (default) or B*H*Sq*kHeadDim
-                int* __restrict__ dq_sem,   // null, or the ordered adds' counters (top of this file)
                 STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(do), STRIDE_ARGS(dkv),
                 int nheads, int group, long long seqlen_q, long long seqlen_k, int head_dim,
                 float scale_log2, float softmax_scale, SHARD_ARGS, RNG_ARGS) {
@@ -145,9 +88,6 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const int n_kblocks = static_cast<int>((seqlen_k + kBlockN - 1) / kBlockN);
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
   float* dq_split = dq_accum + blockIdx.x * dq_split_stride;
-  const bool ordered = dq_sem != nullptr;  // one CTA per key block (gridDim.x == n_kblocks)
-  int* last_sem = nullptr;                 // the tile counter this warpgroup still has to pass on
-  int last_turn = 0;
 
   const elem_t* q_base = q + b * q_st.b + h * q_st.h;
   const elem_t* do_base = dout + b * do_st.b + h * do_st.h;
@@ -176,22 +116,16 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   };
 
   for (int t = 0; t * static_cast<int>(gridDim.x) < n_kblocks; ++t) {
-    const int nb = !ordered ? walk_key_block(t) : kCausal ? n_kblocks - 1 - static_cast<int>(blockIdx.x)
-                                                          : static_cast<int>(blockIdx.x);
+    const int nb = walk_key_block(t);
     if (nb >= n_kblocks) continue;  // the last round's tail (uniform across the CTA)
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
     const int m_begin = static_cast<int>(first_query_seeing<kCausal>(n0, causal_diag) / kBlockM);
-    // Query blocks m_begin.. in walk order: step i visits query_block(i); rotated when ordered
-    // and not causal (the top of this file).
-    const int m_count = n_mblocks - m_begin;
-    const int m_rot = ordered && !kCausal ? ordered_rotation(nb, n_mblocks, n_kblocks) : 0;
-    const auto query_block = [&](int i) { return m_begin + (i + m_rot < m_count ? i + m_rot : i + m_rot - m_count); };
     cp_async_wait<0>();  // a key block no query sees (a causal shard) leaves its K, V copies in flight
     __syncthreads();     // the previous key block's wgmmas, in every warpgroup, are done with sK, sV
     load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sK, k_base + n0 * k_st.s, k_st.s, rows_kv, head_dim);
     load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sV, v_base + n0 * v_st.s, v_st.s, rows_kv, head_dim);
-    if (m_count > 0) load_q_do(query_block(0), 0);
+    if (m_begin < n_mblocks) load_q_do(m_begin, 0);
     cp_async_commit();
 
     float acc_dk[kDT][4], acc_dv[kDT][4];
@@ -206,8 +140,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const long long key_lo = key_w + (lane >> 2);     // this thread's first key; second is +8
     const unsigned k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
 
-    for (int i = 0; i < m_count; ++i) {
-      const int mb = query_block(i), st = i & 1;
+    for (int mb = m_begin; mb < n_mblocks; ++mb) {
+      const int st = (mb - m_begin) & 1;
       const long long m0 = static_cast<long long>(mb) * kBlockM;
       const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
       cp_async_wait<0>();
@@ -215,7 +149,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       // Block mb's Q, dO, lse, delta (and K, V) are visible to every thread and to wgmma;
       // every warpgroup has waited for all its wgmmas of block mb-1, so stage st^1 and sdS are free.
       __syncthreads();
-      if (i + 1 < m_count) load_q_do(query_block(i + 1), st ^ 1);
+      if (mb + 1 < n_mblocks) load_q_do(mb + 1, st ^ 1);
       cp_async_commit();
 
       // S^T = K Q^T and dP^T = V dO^T: head-dim step ks reads 32 bytes at (ks % 4) * 32 of
@@ -354,25 +288,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       fence_operands(dv_flat);
 
       float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0 + dq_rows0) * kHeadDim + dq_chunk * 64;
-      if (ordered) {
-        // Pass on the tile added to a step ago (its adds have long left), then wait for this
-        // tile's turn. Passing first keeps every wait pointed at an earlier step: no cycle.
-        int* sem = dq_sem + (static_cast<long long>(bh) * n_mblocks + mb) * kWarpgroups + wg;
-        const int turn = kCausal ? ordered_turn_causal<kBlockM, kBlockN>(nb, mb, n_kblocks, causal_diag)
-                                 : ordered_turn(nb, mb, n_mblocks, n_kblocks);
-        const bool elected = (threadIdx.x & 127) == 0;
-        if (last_sem != nullptr) {
-          warpgroup_barrier(wg);  // every thread's adds to the last tile were issued
-          if (elected) pass_turn(last_sem, last_turn + 1);
-        }
-        if (elected) wait_turn(sem, turn);
-        warpgroup_barrier(wg);  // the adds below come after the previous writer's
-        last_sem = sem;
-        last_turn = turn;
-      }
       // One writer thread per element within the CTA: with a split per CTA (deterministic)
-      // the additions to an element happen in program order; ordered, each tile's writers
-      // take turns.
+      // the additions to an element happen in program order.
 #pragma unroll
       for (int t = 0; t < 8; ++t)
 #pragma unroll
@@ -387,10 +304,6 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
     store_dkv_rows<elem_t, kDT>(acc_dk, acc_dv, key_lo, 0, dk, dv, dk_part, dv_part, dkv_st, b, h, hk, nheads,
                                 seqlen_k, head_dim, softmax_scale, 1.f);
-  }
-  if (last_sem != nullptr) {
-    warpgroup_barrier(wg);
-    if ((threadIdx.x & 127) == 0) pass_turn(last_sem, last_turn + 1);
   }
   cp_async_wait<0>();  // no copy may be left in flight at exit
 }
