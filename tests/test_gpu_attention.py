@@ -125,13 +125,13 @@ def test_nan_propagates(cp):
     assert np.isnan(out[0, 5]).all()
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_bitwise_repeatable(cp, deterministic):
+@pytest.mark.parametrize("deterministic, causal", [(False, True), (True, True), (True, False)])
+def test_bitwise_repeatable(cp, deterministic, causal):
     rng = np.random.default_rng(9)
     q, k, v, dout = (cp.asarray(rng.standard_normal((2, 1000, 4, 64)).astype(np.float16)) for _ in range(4))
     first = None
     for _ in range(100 if deterministic else 20):
-        out, ctx = cuflash.attention_forward(q, k, v, dropout_p=0.1, causal=True, seed=11, offset=2,
+        out, ctx = cuflash.attention_forward(q, k, v, dropout_p=0.1, causal=causal, seed=11, offset=2,
                                              deterministic=deterministic)
         dq, dk, dv = cuflash.attention_backward(dout, ctx)
         cur = [a.get() for a in (out, ctx.lse, dk, dv) + ((dq,) if deterministic else ())]
@@ -209,6 +209,9 @@ def test_softmax_scale_any_sign(cp, forward_path, d, scale):
 @pytest.mark.parametrize("case", [
     ("float16", 64, True, 0.17, (1025, 1025), (2, 2)),
     ("bfloat16", 128, False, 0.17, (200, 1025), (4, 2)),
+    ("float16", 128, True, 0.17, (1025, 300), (2, 1)),  # queries that see no key
+    ("float16", 64, False, 0.0, (1025, 130), (2, 2)),
+    ("bfloat16", 128, True, 0.0, (130, 700), (4, 1)),
     ("float16", 96, True, 0.0, (300, 300), (2, 1)),
 ])
 def test_deterministic_backward_matches_reference(cp, forward_path, case, monkeypatch):
