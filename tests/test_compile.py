@@ -99,3 +99,13 @@ def test_hopper_backward_keeps_wgmma_asynchronous():
                     assert "C7514" not in r.log and "C7515" not in r.log, r.log
                     main = [f for f in r.reports if f.function == "attn_bwd_kernel"]
                     assert main and all(f.spill_stores <= 160 for f in main), r.log
+
+
+def test_cubin_is_a_whole_elf_image():
+    # CuPy's getCUBIN returns the image one byte short (it strips a PTX string's NUL);
+    # _compile pads it back, so a cached cubin is what NVRTC made (cuobjdump reads it).
+    from cuflash._compile import elf_size
+    from cuflash._config import MASK_VARIANT
+
+    cubin = compile_variant(MASK_VARIANT, "sm_90a", use_cache=False).cubin
+    assert cubin[:4] == b"\x7fELF" and len(cubin) == elf_size(cubin)
