@@ -31,8 +31,9 @@ class _DeviceInfo:
     def __init__(self, device_id: int):
         import cupy
 
-        attrs = cupy.cuda.Device(device_id).attributes
-        self.hopper = cupy.cuda.Device(device_id).compute_capability == "90"
+        device = cupy.cuda.Device(device_id)
+        attrs = device.attributes
+        self.hopper = device.compute_capability == "90"
         self.sm_count = int(attrs["MultiProcessorCount"])
         self.smem_optin = int(attrs["MaxSharedMemoryPerBlockOptin"])  # bytes one block may opt in to
 

@@ -87,17 +87,21 @@ def n_sets(bytes_per_set: int, l2_bytes: int = 50 << 20) -> int:
 
 
 def bench_cuflash(B, S, H, D, causal, p, dt, deterministic=False):
+    """Timings of the forward and the backward, and (deterministic) of the backward with
+    deterministic=True on the same inputs, else None."""
     import cupy as cp
 
     rng = cp.random.default_rng(0)
     mk = lambda: rng.standard_normal((B, S, H, D), dtype=cp.float32).astype(_dtype(dt))  # noqa: E731
     sets = [tuple(mk() for _ in range(4)) for _ in range(n_sets(4 * B * S * H * D * 2))]
-    ctxs = [cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=1, deterministic=deterministic)[1]
-            for q, k, v, _ in sets]
     fwd = cupy_timings(lambda s: cuflash.attention_forward(s[0], s[1], s[2], dropout_p=p, causal=causal), sets)
-    pairs = list(zip(sets, ctxs))
-    bwd = cupy_timings(lambda sc: cuflash.attention_backward(sc[0][3], sc[1]), pairs)
-    return fwd, bwd
+
+    def bwd(det):
+        ctxs = [cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=1, deterministic=det)[1]
+                for q, k, v, _ in sets]
+        return cupy_timings(lambda sc: cuflash.attention_backward(sc[0][3], sc[1]), list(zip(sets, ctxs)))
+
+    return fwd, bwd(False), bwd(True) if deterministic else None
 
 
 def bench_torch(B, S, H, D, causal, p, dt, backend_name):
@@ -146,9 +150,15 @@ def validate():
 
 
 def _row_entry(flops, fwd, bwd):
-    """Timings -> the json fields of one library's row; TFLOP/s from the back-to-back times."""
-    return dict(fwd_ms=fwd[0], bwd_ms=bwd[0], fwd_tflops=flops / fwd[0] / 1e9, bwd_tflops=2.5 * flops / bwd[0] / 1e9,
-                fwd_call_ms=fwd[1], bwd_call_ms=bwd[1], fwd_host_us=fwd[2], bwd_host_us=bwd[2])
+    """Timings -> the json fields of one library's row; TFLOP/s from the back-to-back times.
+    fwd None: the backward's fields only."""
+    e = dict(bwd_ms=bwd[0], bwd_tflops=2.5 * flops / bwd[0] / 1e9, bwd_call_ms=bwd[1], bwd_host_us=bwd[2])
+    if fwd is not None:
+        e.update(fwd_ms=fwd[0], fwd_tflops=flops / fwd[0] / 1e9, fwd_call_ms=fwd[1], fwd_host_us=fwd[2])
+    return e
+
+
+_SHORT = {"FLASH_ATTENTION": "FA2", "CUDNN_ATTENTION": "cuDNN"}
 
 
 def markdown_table(rows, peers) -> str:
@@ -180,9 +190,6 @@ def markdown_table(rows, peers) -> str:
     return "\n".join(lines)
 
 
-_SHORT = {"FLASH_ATTENTION": "FA2", "CUDNN_ATTENTION": "cuDNN"}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="seqlen 1k/4k/16k, fp16 only")
@@ -193,7 +200,7 @@ def main():
     ap.add_argument("--dtypes", help="comma-separated: float16,bfloat16")
     ap.add_argument("--ps", default="0.0,0.1", help="comma-separated dropout probabilities")
     ap.add_argument("--deterministic", action="store_true",
-                    help="also time cuflash's backward with deterministic=True (row key cuflash_det)")
+                    help="also time cuflash's backward with deterministic=True (row key cuflash_det, bwd_* only)")
     args = ap.parse_args()
     validate()
     try:
@@ -219,9 +226,10 @@ def main():
                         B, H = 16384 // S, 2048 // D
                         flops = 4 * B * H * S * S * D / (2 if causal else 1)
                         row = dict(dtype=dt, head_dim=D, causal=causal, p=p, seqlen=S, batch=B, heads=H)
-                        row["cuflash"] = _row_entry(flops, *bench_cuflash(B, S, H, D, causal, p, dt))
-                        if args.deterministic:
-                            row["cuflash_det"] = _row_entry(flops, *bench_cuflash(B, S, H, D, causal, p, dt, True))
+                        fwd, bwd, bwd_det = bench_cuflash(B, S, H, D, causal, p, dt, args.deterministic)
+                        row["cuflash"] = _row_entry(flops, fwd, bwd)
+                        if bwd_det is not None:
+                            row["cuflash_det"] = _row_entry(flops, None, bwd_det)  # backward only
                         for peer in peers:
                             f, b = bench_torch(B, S, H, D, causal, p, dt, peer)
                             row[peer] = _row_entry(flops, f, b) if f else dict(error=b)

@@ -53,8 +53,9 @@ __device__ __forceinline__ DropoutParams make_dropout_params(unsigned long long 
 }
 
 // The four words of 16x16 block (R, C) for `lane` of batch b, head h. (Calls that share
-// R, b, h, or C, lane, share their first rounds' products: NVVM finds and hoists those common
-// subexpressions itself (sm_90a SASS, 2026-12-01: 18 products per call), so no call site spells them out.)
+// R, b, h, or C, lane, share their first rounds' products: NVVM finds and hoists those
+// common subexpressions itself (sm_90a SASS, 2026-12-01: 18 products per call), so no call
+// site spells them out.)
 __device__ __forceinline__ uint4 dropout_block_words(const DropoutParams& dp, unsigned b, unsigned h,
                                                      unsigned R, unsigned C, unsigned lane) {
   const uint4 ctr = make_uint4(C * 32u + lane, R, (b << 16) | h, dp.offset);

@@ -98,17 +98,16 @@ struct OnlineSoftmax {
                                                                m_new[1] <= m[1] + kLazySlack);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
-      if (!keep_max) {
-        // A row that has seen no visible key yet has m_new = -inf: subtract 0 instead (below),
-        // so exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-        const float m_use_new = m_new[rh] == -CUFLASH_INF ? 0.f : m_new[rh];
-        corr[rh] = fast_exp2(m[rh] - m_use_new);  // m_old = -inf gives 0: nothing to rescale
-        m[rh] = m_new[rh];
-        l[rh] *= corr[rh];
-      } else {
-        corr[rh] = 1.f;
-      }
+      const float m_old = m[rh];
+      if (!keep_max) m[rh] = m_new[rh];
+      // A row that has seen no visible key yet has m = -inf: subtract 0 instead, so
+      // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
       const float m_use = m[rh] == -CUFLASH_INF ? 0.f : m[rh];
+      corr[rh] = 1.f;
+      if (!keep_max) {
+        corr[rh] = fast_exp2(m_old - m_use);  // m_old = -inf gives 0: nothing to rescale
+        l[rh] *= corr[rh];
+      }
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         s[t][2 * rh] = fast_exp2(fmaf(s[t][2 * rh], scale_log2, -m_use));
