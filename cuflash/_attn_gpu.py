@@ -10,7 +10,7 @@ import numpy as np
 
 from ._compile import get_function
 from ._config import (SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles, fwd_variant,
-                      padded_head_dim)
+                      hopper_fwd_tiles, padded_head_dim)
 from .mask import keep_probability
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -135,8 +135,8 @@ def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, off
     B, Sq, H, D, Sk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k
     d_pad = padded_head_dim(D)
     hopper = use_hopper_forward(d_pad)
-    tiles = fwd_tiles(d_pad, hopper, threshold > 0)
-    variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0, hopper)
+    tiles = fwd_tiles(d_pad, hopper, threshold > 0, Sk)
+    variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0, hopper, tiles if hopper else None)
     smem = tiles.smem_bytes(d_pad, "fwd_sm90" if hopper else "fwd")
     fn = get_function(variant, "attn_fwd_kernel", dynamic_smem=smem)
     out = _empty((B, Sq, H, D), q.dtype)
@@ -233,8 +233,10 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
             for c in causal:
                 for p in dropout:
                     dp = padded_head_dim(d)
-                    get_function(fwd_variant(dt, dp, c, p, use_hopper_forward(dp)), "attn_fwd_kernel")
-                    n += 1
+                    hop = use_hopper_forward(dp)
+                    for tiles in hopper_fwd_tiles(dp, p) if hop else (None,):  # every key-length config
+                        get_function(fwd_variant(dt, dp, c, p, hop, tiles), "attn_fwd_kernel")
+                        n += 1
                     if backward:
                         hop = use_hopper_backward(dp)
                         get_function(bwd_variant(dt, dp, c, p, bwd_tiles(dp, _smem_limit(), hop), hop),

@@ -19,7 +19,9 @@ __all__ = [
     "DTYPES",
     "AttnTiles",
     "padded_head_dim",
+    "FWD_SHORT_KEYS",
     "fwd_tiles",
+    "hopper_fwd_tiles",
     "SM90_FWD_HEAD_DIMS",
     "SM90_BWD_HEAD_DIMS",
     "bwd_tiles",
@@ -65,6 +67,7 @@ class AttnTiles:
     block_n: int
     warps: int
     stages: int = 1  # backward: shared-memory stages of Q and dO (2: block m+1 loads while m computes)
+    min_blocks: int = 1  # Hopper kernels: CTAs per SM they are built for (__launch_bounds__ caps registers)
 
     def smem_bytes(self, head_dim: int, kind: str) -> int:
         """Dynamic shared memory of a forward or backward CTA (mirrors the kernels' carve-up)."""
@@ -87,7 +90,19 @@ SM90_FWD_HEAD_DIMS = (64, 128)
 SM90_BWD_HEAD_DIMS = (64, 128)
 
 
-def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False) -> AttnTiles:
+# Key lengths up to this run the hd 64 Hopper forward with dropout on the short-sequence
+# tiles (fwd_tiles).
+FWD_SHORT_KEYS = 2048
+
+
+def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen_k: int | None = None) -> AttnTiles:
+    """Forward tiles; seqlen_k (None: long) picks the short-sequence tiles where they differ."""
+    if hopper and head_dim == 64 and dropout and seqlen_k is not None and seqlen_k <= FWD_SHORT_KEYS:
+        # two CTAs of 64-key blocks per SM (ptxas: 128 registers, no spills): with few key
+        # blocks per CTA its prologue and epilogue weigh, and the other CTA's main loop runs
+        # beside them. H200 fp16 p=0.1, 2026-12-01, TFLOP/s vs 128x128: S=1k 206 vs 191 (full),
+        # 159 vs 147 (causal); S=4k 216 vs 216, 196 vs 197; S=16k 221 vs 228, 206 vs 222
+        return AttnTiles(block_m=128, block_n=64, warps=8, min_blocks=2)
     if hopper and head_dim == 128 and dropout:
         # one warpgroup per CTA, two CTAs per SM: they drift apart, so one's Philox and
         # softmax work overlaps the other's wgmma. H100 fp16 S=4k, 2026-11-25: 238 (full) /
@@ -134,18 +149,26 @@ def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: 
         ("CUFLASH_CAUSAL", "1" if causal else "0"),
         ("CUFLASH_DROPOUT", "1" if dropout else "0"),
         ("CUFLASH_Q_STAGES", str(tiles.stages)),
+        ("CUFLASH_MIN_BLOCKS", str(tiles.min_blocks)),
     )
 
 
+def hopper_fwd_tiles(head_dim: int, dropout: bool) -> tuple[AttnTiles, ...]:
+    """Every tile configuration the Hopper forward runs for a head dim (by key length)."""
+    return tuple(dict.fromkeys((fwd_tiles(head_dim, True, dropout), fwd_tiles(head_dim, True, dropout, 1))))
+
+
 @functools.lru_cache(maxsize=None)  # one object per variant: launches look kernels up by it
-def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: bool = False) -> KernelVariant:
+def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: bool = False,
+                tiles: AttnTiles | None = None) -> KernelVariant:
     """The forward kernel for a padded head dim (one of HEAD_DIMS); hopper: the sm_90a
-    wgmma kernel (head dims in SM90_FWD_HEAD_DIMS only)."""
+    wgmma kernel (head dims in SM90_FWD_HEAD_DIMS only), on `tiles` (default: the long-
+    sequence fwd_tiles)."""
     if hopper:
         if head_dim not in SM90_FWD_HEAD_DIMS:
             raise ValueError(f"the sm_90a forward is built for head dims {SM90_FWD_HEAD_DIMS}, not {head_dim}")
         return KernelVariant("attn_fwd_sm90.cu", ("attn_fwd_kernel",),
-                             _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim, True, dropout)),
+                             _attn_macros(dtype, head_dim, causal, dropout, tiles or fwd_tiles(head_dim, True, dropout)),
                              hopper=True)
     return KernelVariant("attn_fwd.cu", ("attn_fwd_kernel",),
                          _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim)))
@@ -181,11 +204,12 @@ def all_variants() -> list[KernelVariant]:
         for dropout in (False, True)
     ]
     hopper = [
-        fwd_variant(dtype, d, causal, dropout, hopper=True)
+        fwd_variant(dtype, d, causal, dropout, hopper=True, tiles=tiles)
         for dtype in DTYPES
         for d in SM90_FWD_HEAD_DIMS
         for causal in (False, True)
         for dropout in (False, True)
+        for tiles in hopper_fwd_tiles(d, dropout)
     ] + [
         bwd_variant(dtype, d, causal, dropout, hopper=True)
         for dtype in DTYPES

@@ -40,7 +40,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   elem_t* sV = sK + kBlockN * kLd;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long long m0 = static_cast<long long>(blockIdx.x) * kBlockM;
+  const long long m0 = forward_query_block<kCausal>() * kBlockM;
   const int bh = blockIdx.y, b = bh / nheads, h = bh % nheads, hk = h / group;
 
   const elem_t* q_base = q + b * q_st.b + h * q_st.h + m0 * q_st.s;

@@ -31,7 +31,7 @@ static_assert(kWarps % 4 == 0 && kBlockM == 64 * kWarpgroups, "each warpgroup ow
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V, and whole 64-column swizzle chunks");
 static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T");
 
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
                 elem_t* __restrict__ out, float* __restrict__ lse,
                 STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(o),
@@ -54,7 +54,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
-  const long long m0 = static_cast<long long>(blockIdx.x) * kBlockM;
+  const long long m0 = forward_query_block<kCausal>() * kBlockM;
   const int bh = blockIdx.y, b = bh / nheads, h = bh % nheads, hk = h / group;
 
   const elem_t* q_base = q + b * q_st.b + h * q_st.h + m0 * q_st.s;

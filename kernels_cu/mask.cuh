@@ -25,6 +25,14 @@ __device__ __forceinline__ long long visible_key_end(long long row_end, long lon
   return e < 0 ? 0 : (e > seqlen_k ? seqlen_k : e);
 }
 
+// The query block a forward CTA owns. The grid's x runs over query blocks and CTAs start
+// in x order; under causal masking later query blocks see more keys, so x counts down from
+// the last block: the longest CTAs start first and the short ones fill the last wave.
+template <bool CAUSAL>
+__device__ __forceinline__ long long forward_query_block() {
+  return CAUSAL ? static_cast<long long>(gridDim.x - 1 - blockIdx.x) : static_cast<long long>(blockIdx.x);
+}
+
 // First query row that sees key column j (for the backward's loop over query blocks).
 template <bool CAUSAL>
 __device__ __forceinline__ long long first_query_seeing(long long j, long long diag) {

@@ -154,10 +154,16 @@ def test_dropout_unbiased(cp):
     assert err < 0.05, err
 
 
-@pytest.fixture(params=["default", "sm80"])
+@pytest.fixture(params=["default", "sm80", "long_tiles"])
 def forward_path(request, monkeypatch):
     """Run a test on the default kernels (sm_90a wgmma forward and backward on an H100 for
-    head dims 64/128) and again with the sm_80 kernels forced, so an H100 checks both."""
+    head dims 64/128), again with the sm_80 kernels forced, so an H100 checks both, and with
+    the Hopper forward's long-sequence tiles at every key length (the short test shapes
+    would otherwise only reach its short-sequence tiles)."""
+    if request.param == "long_tiles":
+        from cuflash import _config
+
+        monkeypatch.setattr(_config, "FWD_SHORT_KEYS", 0)
     if request.param == "sm80":
         monkeypatch.setattr(_attn_gpu, "use_hopper_forward", lambda d: False)
         monkeypatch.setattr(_attn_gpu, "use_hopper_backward", lambda d: False)
