@@ -11,6 +11,7 @@ import numpy as np
 from ._compile import get_function
 from ._config import (SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles, fwd_variant,
                       hopper_fwd_tiles, padded_head_dim)
+from ._validate import dtype_name
 from .mask import keep_probability
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -109,7 +110,7 @@ def _strides(a) -> tuple[np.int64, np.int64, np.int64]:
 
 
 def _dtype_name(a) -> str:
-    return "bfloat16" if a.dtype.name == "bfloat16" else "float16"
+    return "bfloat16" if dtype_name(a.dtype) == "bfloat16" else "float16"
 
 
 def _tail_args(*, q_start: int, k_start: int, causal_diag: int, seed: int, offset: int, rng_state, threshold: int):

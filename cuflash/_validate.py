@@ -25,10 +25,26 @@ def array_module_name(x) -> str | None:
     """'cupy' or 'numpy' for arrays of those libraries, else None."""
     if isinstance(x, np.ndarray):
         return "numpy"
-    mod = type(x).__module__
-    if mod.startswith("cupy") and hasattr(x, "data") and hasattr(x, "device"):
+    t = type(x)
+    if t in _CUPY_TYPES:
+        return "cupy"
+    if t.__module__.startswith("cupy") and hasattr(x, "data") and hasattr(x, "device"):
+        _CUPY_TYPES.add(t)  # each call asks again otherwise (a hot path: every launch checks its arrays)
         return "cupy"
     return None
+
+
+_CUPY_TYPES: set[type] = set()
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """dtype.name, memoised: numpy computes the name in Python on every access (several
+    microseconds, and each attention call asks a few times)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +89,7 @@ def check_qkv(q, k, v) -> Problem:
             raise ValueError(f"{n} must have 4 dimensions ({'B, Sq, H, D' if n == 'q' else 'B, Sk, Hk, D'}), got shape {a.shape}")
     accepted = _GPU_DTYPES if xp_name == "cupy" else _CPU_DTYPES
     for n, a in names.items():
-        if a.dtype.name not in accepted:
+        if dtype_name(a.dtype) not in accepted:
             raise TypeError(
                 f"{n} has dtype {a.dtype.name}; accepted: {', '.join(accepted)}"
                 + (" (bfloat16 as ml_dtypes.bfloat16)" if "bfloat16" in accepted else "")
