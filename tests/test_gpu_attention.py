@@ -253,3 +253,22 @@ def test_deterministic_backward_matches_reference(cp, forward_path, case, monkey
     rng = np.random.default_rng(hash(case) % 2**32)
     res = run_case(cp, dt, d, causal, p, seqs, heads, rng, deterministic=True)
     print(forward_path, {k: f"{e:.2e}/{n:.2e}" for k, (e, n) in res.items()})
+
+
+def test_warmup_readies_what_the_forward_launches(cp, monkeypatch):
+    # On Hopper the hd64 forward with dropout picks its tiles by key length: warmup must
+    # ready each configuration, so neither a short nor a long call loads a kernel itself.
+    from cuflash import _compile
+
+    monkeypatch.setattr(_compile, "_kernels", {})
+    monkeypatch.setattr(_compile, "_modules", {})
+    n = cuflash.warmup(dtypes=("float16",), head_dims=(64,), causal=(True,), dropout=(True,), backward=False)
+    assert n == (2 if _attn_gpu.use_hopper_forward(64) else 1)
+    ready = set(_compile._kernels)
+    rng = np.random.default_rng(5)
+    for sk in (64, 4096):
+        q = cp.asarray(rng.standard_normal((1, 64, 2, 64)).astype(np.float16))
+        k = cp.asarray(rng.standard_normal((1, sk, 2, 64)).astype(np.float16))
+        out = cuflash.attention(q, k, k, dropout_p=0.1, causal=True, seed=1, offset=0)
+        assert bool(cp.isfinite(out).all())
+    assert set(_compile._kernels) == ready
