@@ -162,14 +162,14 @@ def hopper_fwd_tiles(head_dim: int, dropout: bool) -> tuple[AttnTiles, ...]:
 def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: bool = False,
                 tiles: AttnTiles | None = None) -> KernelVariant:
     """The forward kernel for a padded head dim (one of HEAD_DIMS); hopper: the sm_90a
-    wgmma kernel (head dims in SM90_FWD_HEAD_DIMS only), on `tiles` (default: the long-
-    sequence fwd_tiles)."""
+    wgmma kernel (head dims in SM90_FWD_HEAD_DIMS only) on `tiles`, one of
+    hopper_fwd_tiles (default: the long-sequence ones). The sm_80 kernel has one tiling."""
     if hopper:
         if head_dim not in SM90_FWD_HEAD_DIMS:
             raise ValueError(f"the sm_90a forward is built for head dims {SM90_FWD_HEAD_DIMS}, not {head_dim}")
+        tiles = tiles or fwd_tiles(head_dim, True, dropout)
         return KernelVariant("attn_fwd_sm90.cu", ("attn_fwd_kernel",),
-                             _attn_macros(dtype, head_dim, causal, dropout, tiles or fwd_tiles(head_dim, True, dropout)),
-                             hopper=True)
+                             _attn_macros(dtype, head_dim, causal, dropout, tiles), hopper=True)
     return KernelVariant("attn_fwd.cu", ("attn_fwd_kernel",),
                          _attn_macros(dtype, head_dim, causal, dropout, fwd_tiles(head_dim)))
 
