@@ -9,8 +9,8 @@ import os
 import numpy as np
 
 from ._compile import get_function
-from ._config import (SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles, fwd_variant,
-                      hopper_fwd_tiles, padded_head_dim)
+from ._config import (HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles,
+                      fwd_variant, hopper_fwd_tiles, padded_head_dim)
 from ._validate import dtype_name
 from .mask import keep_probability
 
@@ -103,6 +103,23 @@ def _smem_limit() -> int:
     return _device().smem_optin
 
 
+def backward_tiles(head_dim: int, padded_dim: int, hopper: bool):
+    """(tiles, dynamic shared memory) of the main backward kernel on the current device.
+
+    ValueError when even its single-stage tiles do not fit: on GPUs that give a block at
+    most 99 KB (compute capability 8.6, 8.9, 12.x) the sm_80 backward needs 121 KB at
+    padded head dim 192 and 154 KB at 256 (128 takes 88 KB)."""
+    limit = _smem_limit()
+    tiles = bwd_tiles(padded_dim, limit, hopper)
+    smem = tiles.smem_bytes(padded_dim, "bwd_sm90" if hopper else "bwd")
+    if smem > limit:
+        fitting = [d for d in HEAD_DIMS if bwd_tiles(d, limit).smem_bytes(d, "bwd") <= limit]
+        raise ValueError(f"head dim {head_dim}: the backward needs {smem} bytes of shared memory per block "
+                         f"(padded head dim {padded_dim}) and this GPU allows {limit}; here it runs head dims "
+                         f"up to {max(fitting, default=0)}")
+    return tiles, smem
+
+
 def _strides(a) -> tuple[np.int64, np.int64, np.int64]:
     """(batch, seq, head) strides in elements of a (B, S, H, D) array."""
     it = a.itemsize
@@ -162,7 +179,7 @@ def backward(dout, ctx):
     group = H // Hk
     d_pad = padded_head_dim(D)
     hopper = use_hopper_backward(d_pad)
-    tiles = bwd_tiles(d_pad, _smem_limit(), hopper)
+    tiles, smem = backward_tiles(D, d_pad, hopper)  # (raises before any launch when the GPU cannot fit them)
     variant = bwd_variant(_dtype_name(q), d_pad, ctx.causal, ctx.threshold > 0, tiles, hopper)
     tail = _tail_args(q_start=ctx.q_start, k_start=ctx.k_start,
                       causal_diag=Sk - Sq if ctx.causal_diag is None else ctx.causal_diag,
@@ -184,7 +201,6 @@ def backward(dout, ctx):
     else:
         dk_part = dv_part = None
     null = np.uintp(0)
-    smem = tiles.smem_bytes(d_pad, "bwd_sm90" if hopper else "bwd")
     fn = get_function(variant, "attn_bwd_kernel", dynamic_smem=smem)
     threads = 32 * tiles.warps
     n_kblocks = -(-Sk // tiles.block_n)

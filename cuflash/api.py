@@ -223,6 +223,10 @@ def attention_backward(dout: Array, ctx: AttentionContext) -> tuple[Array, Array
     forward's mask from (ctx.seed, ctx.offset), or from ctx.rng_state (read on the
     device) when a DeviceGenerator drew it; nothing of size Sq x Sk was stored. Runs on
     CuPy's current stream, which must be ordered after the forward's.
+
+    Raises ValueError, before launching anything, where the GPU cannot give the kernel
+    its shared memory: head dims above 128 on GPUs with 99 KB per block (compute
+    capability 8.6, 8.9, 12.x), whose forward still runs them.
     """
     if not isinstance(ctx, AttentionContext):
         raise TypeError(f"ctx must be the AttentionContext from attention_forward, got {type(ctx).__name__}")

@@ -1,0 +1,71 @@
+"""Launch configuration, checked on the CPU: every tile configuration fits the shared
+memory of the GPUs it is chosen for, and where the backward's cannot fit, it says so
+before launching anything."""
+
+import types
+
+import pytest
+
+from cuflash import _attn_gpu
+from cuflash._config import HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, fwd_tiles, hopper_fwd_tiles
+
+# Dynamic shared memory one block may opt in to, and shared memory per SM, in bytes, by
+# compute capability (CUDA C++ Programming Guide, technical specifications); the driver
+# reserves 1 KB of each SM's shared memory per resident block.
+SMEM_OPTIN = {"8.0": 166912, "8.6": 101376, "8.9": 101376, "9.0": 232448}
+SMEM_PER_SM = {"8.0": 167936, "8.6": 102400, "8.9": 102400, "9.0": 233472}
+RESERVED_PER_BLOCK = 1024
+
+
+def _fake_device(monkeypatch, cc: str) -> None:
+    info = types.SimpleNamespace(hopper=cc == "9.0", sm_count=132, smem_optin=SMEM_OPTIN[cc])
+    monkeypatch.setattr(_attn_gpu, "_device", lambda: info)
+
+
+def test_forward_tiles_fit_every_gpu():
+    for d in HEAD_DIMS:  # the sm_80 forward runs everywhere
+        smem = fwd_tiles(d).smem_bytes(d, "fwd")
+        assert smem <= min(SMEM_OPTIN.values()), (d, smem)
+    for d in SM90_FWD_HEAD_DIMS:
+        for dropout in (False, True):
+            for tiles in hopper_fwd_tiles(d, dropout):
+                smem = tiles.smem_bytes(d, "fwd_sm90")
+                assert smem <= SMEM_OPTIN["9.0"], (d, dropout, tiles, smem)
+                # the CTAs per SM the kernel is built for (__launch_bounds__) must fit too
+                assert tiles.min_blocks * (smem + RESERVED_PER_BLOCK) <= SMEM_PER_SM["9.0"], (d, dropout, tiles)
+
+
+@pytest.mark.parametrize("cc", sorted(SMEM_OPTIN))
+def test_backward_tiles_fit_or_raise(monkeypatch, cc):
+    _fake_device(monkeypatch, cc)
+    small = SMEM_OPTIN[cc] < 128 * 1024
+    for d in HEAD_DIMS:
+        hopper = cc == "9.0" and d in SM90_BWD_HEAD_DIMS
+        if small and d > 128:  # sm_80 backward, single stage: 121 KB at 192, 154 KB at 256
+            with pytest.raises(ValueError, match=rf"head dim {d}: .* this GPU allows {SMEM_OPTIN[cc]}; .* up to 128"):
+                _attn_gpu.backward_tiles(d, d, hopper)
+            continue
+        tiles, smem = _attn_gpu.backward_tiles(d, d, hopper)
+        print(cc, d, "hopper" if hopper else "sm_80", tiles, smem)
+        assert smem <= SMEM_OPTIN[cc]
+        assert tiles.min_blocks * (smem + RESERVED_PER_BLOCK) <= SMEM_PER_SM[cc]
+        # Q/dO double buffered wherever two stages fit
+        assert tiles.stages == 2 or _attn_gpu.bwd_tiles(d).smem_bytes(d, "bwd") > SMEM_OPTIN[cc]
+
+
+def test_backward_raises_before_launching(monkeypatch):
+    # A head dim 256 backward on a 99 KB GPU: ValueError, and no kernel was looked up or
+    # launched (not even the delta kernel that runs first).
+    _fake_device(monkeypatch, "8.6")
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was fetched for launch")
+
+    monkeypatch.setattr(_attn_gpu, "get_function", no_launch)
+    monkeypatch.setattr(_attn_gpu, "_empty", no_launch)
+    shape = types.SimpleNamespace
+    q = shape(shape=(1, 64, 2, 256))
+    ctx = types.SimpleNamespace(q=q, k=shape(shape=(1, 64, 2, 256)), v=shape(shape=(1, 64, 2, 256)), causal=False,
+                                threshold=0, deterministic=False)
+    with pytest.raises(ValueError, match="head dim 256"):
+        _attn_gpu.backward(None, ctx)
