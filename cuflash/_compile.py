@@ -195,7 +195,12 @@ def compile_variant(variant: KernelVariant, arch: str, *, use_cache: bool = True
 
 
 def arch_for_capability(major: int, minor: int, hopper: bool) -> str:
-    """The NVRTC target for a device: sm_90a for Hopper-only variants, plain sm_XY otherwise."""
+    """The NVRTC target for a device: sm_90a for Hopper-only variants, plain sm_XY otherwise.
+    ValueError before compute capability 8.0: the kernels use cp.async and m16n8k16
+    mma.sync (fp16 and bf16), which Ampere introduced."""
+    if major < 8:
+        raise ValueError(f"cuflash's kernels need a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, "
+                         f"...); this one is {major}.{minor}")
     if hopper:
         if (major, minor) != (9, 0):
             raise ValueError(f"a Hopper (sm_90a) kernel variant cannot run on compute capability {major}.{minor}")

@@ -58,6 +58,20 @@ def test_line_directives_point_at_the_header(tmp_path, monkeypatch):
         source.load_source.cache_clear()
 
 
+def test_arch_for_capability():
+    from cuflash._compile import arch_for_capability
+
+    assert arch_for_capability(8, 0, False) == "sm_80"
+    assert arch_for_capability(8, 9, False) == "sm_89"
+    assert arch_for_capability(9, 0, False) == "sm_90"
+    assert arch_for_capability(9, 0, True) == "sm_90a"
+    with pytest.raises(ValueError, match="sm_90a|Hopper"):
+        arch_for_capability(8, 6, True)  # a wgmma variant off Hopper
+    for major, minor in ((7, 5), (7, 0)):  # Turing, Volta: no cp.async, no m16n8k16 mma.sync
+        with pytest.raises(ValueError, match=rf"compute capability 8.0 or newer .* {major}.{minor}"):
+            arch_for_capability(major, minor, False)
+
+
 def test_ptxas_log_parser():
     log = (
         "ptxas info    : Compiling entry function 'fwd' for 'sm_90a'\n"
