@@ -9,8 +9,8 @@ import os
 import numpy as np
 
 from ._compile import get_function
-from ._config import (HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, bwd_tiles, bwd_variant, fwd_tiles,
-                      fwd_variant, hopper_fwd_tiles, padded_head_dim)
+from ._config import (HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, AttnTiles, bwd_tiles, bwd_variant,
+                      fwd_tiles, fwd_variant, hopper_fwd_tiles, padded_head_dim)
 from ._validate import dtype_name
 from .mask import keep_probability
 
@@ -103,7 +103,7 @@ def _smem_limit() -> int:
     return _device().smem_optin
 
 
-def backward_tiles(head_dim: int, padded_dim: int, hopper: bool):
+def backward_tiles(head_dim: int, padded_dim: int, hopper: bool) -> tuple[AttnTiles, int]:
     """(tiles, dynamic shared memory) of the main backward kernel on the current device.
 
     ValueError when even its single-stage tiles do not fit: on GPUs that give a block at
