@@ -30,12 +30,24 @@ __device__ __forceinline__ void load_tile_async(T* smem, int ld, const T* gmem, 
   constexpr int kChunksPerRow = D / 8;  // 16-byte chunks
   constexpr int kChunks = ROWS * kChunksPerRow;
   static_assert(kChunks % THREADS == 0, "every thread copies the same number of chunks");
+  if constexpr (THREADS % kChunksPerRow == 0) {  // a thread keeps its column from step to step
+    constexpr int kRowStep = THREADS / kChunksPerRow;  // rows between a thread's chunks
+    const int row0 = threadIdx.x / kChunksPerRow, col = (threadIdx.x % kChunksPerRow) * 8;
+    const T* src = gmem + row0 * row_stride + col;  // stepped by whole rows (see load_tile_sw128_async)
 #pragma unroll
-  for (int it = 0; it < kChunks / THREADS; ++it) {
-    const int c = it * THREADS + threadIdx.x;
-    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const bool valid = row < rows_valid && col < d_valid;
-    cp_async_16(smem + row * ld + col, valid ? gmem + row * row_stride + col : gmem, valid);
+    for (int it = 0; it < kChunks / THREADS; ++it, src += kRowStep * row_stride) {
+      const int row = row0 + it * kRowStep;
+      const bool valid = row < rows_valid && col < d_valid;
+      cp_async_16(smem + row * ld + col, valid ? src : gmem, valid);
+    }
+  } else {  // head dim 96: 12 chunks a row
+#pragma unroll
+    for (int it = 0; it < kChunks / THREADS; ++it) {
+      const int c = it * THREADS + threadIdx.x;
+      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const bool valid = row < rows_valid && col < d_valid;
+      cp_async_16(smem + row * ld + col, valid ? gmem + row * row_stride + col : gmem, valid);
+    }
   }
 }
 

@@ -102,8 +102,8 @@ def test_hopper_forward_keeps_wgmma_asynchronous():
 
 def test_hopper_backward_keeps_wgmma_asynchronous():
     # Same guard for the sm_90a backward. Its dK and dV accumulators take 128 registers per
-    # thread at hd128, so ptxas spills a little (at most 148 B of stores, hd128 non-causal
-    # with dropout, 2026-11-25); a larger spill is a regression.
+    # thread at hd128; since the tile loads step their addresses by rows (wgmma_sm90.cuh)
+    # ptxas spills at most 4 B (it was up to 148 B, 2026-11-25); more than 32 B is a regression.
     from cuflash._config import DTYPES, SM90_BWD_HEAD_DIMS, bwd_variant
 
     for dtype in DTYPES:
@@ -113,7 +113,7 @@ def test_hopper_backward_keeps_wgmma_asynchronous():
                     r = compile_variant(bwd_variant(dtype, d, causal, dropout, hopper=True), "sm_90a")
                     assert "C7514" not in r.log and "C7515" not in r.log, r.log
                     main = [f for f in r.reports if f.function == "attn_bwd_kernel"]
-                    assert main and all(f.spill_stores <= 160 for f in main), r.log
+                    assert main and all(f.spill_stores <= 32 for f in main), r.log
 
 
 def test_cubin_is_a_whole_elf_image():
