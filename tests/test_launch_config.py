@@ -63,9 +63,8 @@ def test_backward_raises_before_launching(monkeypatch):
 
     monkeypatch.setattr(_attn_gpu, "get_function", no_launch)
     monkeypatch.setattr(_attn_gpu, "_empty", no_launch)
-    shape = types.SimpleNamespace
-    q = shape(shape=(1, 64, 2, 256))
-    ctx = types.SimpleNamespace(q=q, k=shape(shape=(1, 64, 2, 256)), v=shape(shape=(1, 64, 2, 256)), causal=False,
-                                threshold=0, deterministic=False)
+    array = types.SimpleNamespace  # the backward reads only the shapes before its check
+    ctx = types.SimpleNamespace(q=array(shape=(1, 64, 2, 256)), k=array(shape=(1, 64, 2, 256)),
+                                v=array(shape=(1, 64, 2, 256)), causal=False, threshold=0, deterministic=False)
     with pytest.raises(ValueError, match="head dim 256"):
         _attn_gpu.backward(None, ctx)
