@@ -287,18 +287,19 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       fence_operands(dk_flat);
       fence_operands(dv_flat);
 
-      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0 + dq_rows0) * kHeadDim + dq_chunk * 64;
       // One writer thread per element within the CTA: with a split per CTA (deterministic)
-      // the additions to an element happen in program order.
+      // the additions to an element happen in program order. Row by row: the thread's
+      // eight adds to one row go out back to back, under one tail test.
+      const int r0 = wq * 16 + (lane >> 2);  // this thread's rows r0 and r0 + 8 of the tile
+      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0 + dq_rows0 + r0) * kHeadDim +
+                       dq_chunk * 64 + 2 * (lane & 3);
 #pragma unroll
-      for (int t = 0; t < 8; ++t)
+      for (int rh = 0; rh < 2; ++rh) {
+        if (dq_rows0 + r0 + 8 * rh >= rows_q) continue;  // tail rows of the last query block
 #pragma unroll
-        for (int rh = 0; rh < 2; ++rh) {
-          const int r = wq * 16 + (lane >> 2) + 8 * rh;
-          if (dq_rows0 + r < rows_q)  // tail rows of the last query block
-            red_add_v2(dq_rows + static_cast<long long>(r) * kHeadDim + 8 * t + 2 * (lane & 3),
-                       acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
-        }
+        for (int t = 0; t < 8; ++t)
+          red_add_v2(dq_rows + 8 * rh * kHeadDim + 8 * t, acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
+      }
     }
 
     // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
