@@ -243,7 +243,12 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
 
     head_dims are real head dims (padded as the kernels do). Returns the number of
     variants made ready. Logs one line per first compile through logging ("cuflash").
+    With backward=True, a head dim whose backward this GPU cannot run (backward_tiles)
+    raises ValueError before anything is compiled.
     """
+    if backward:  # the backward's tiles, and its ValueError, as attention_backward would meet them
+        bwd = {d: backward_tiles(d, padded_head_dim(d), use_hopper_backward(padded_head_dim(d)))[0]
+               for d in head_dims}
     n = 0
     for dt in dtypes:
         for d in head_dims:
@@ -256,7 +261,6 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
                         n += 1
                     if backward:
                         hop = use_hopper_backward(dp)
-                        get_function(bwd_variant(dt, dp, c, p, bwd_tiles(dp, _smem_limit(), hop), hop),
-                                     "attn_bwd_kernel")
+                        get_function(bwd_variant(dt, dp, c, p, bwd[d], hop), "attn_bwd_kernel")
                         n += 1
     return n

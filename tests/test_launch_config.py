@@ -68,3 +68,23 @@ def test_backward_raises_before_launching(monkeypatch):
                                 v=array(shape=(1, 64, 2, 256)), causal=False, threshold=0, deterministic=False)
     with pytest.raises(ValueError, match="head dim 256"):
         _attn_gpu.backward(None, ctx)
+
+
+def test_warmup_takes_the_backward_s_tiles_and_its_error(monkeypatch):
+    # warmup readies the backward kernel attention_backward would launch (the same tiles,
+    # single-stage on a 99 KB GPU where two stages do not fit), and where there is none
+    # (head dim 256 on a 99 KB GPU) it raises the backward's ValueError before compiling.
+    from cuflash._config import bwd_variant
+
+    _fake_device(monkeypatch, "8.6")
+    fetched = []
+    monkeypatch.setattr(_attn_gpu, "get_function", lambda variant, fn, **kw: fetched.append((variant, fn)))
+    with pytest.raises(ValueError, match="head dim 256"):
+        _attn_gpu.warmup(dtypes=("float16",), head_dims=(64, 256), causal=(True,), dropout=(False,))
+    assert fetched == []
+    for d in (64, 128):
+        n = _attn_gpu.warmup(dtypes=("float16",), head_dims=(d,), causal=(True,), dropout=(False,))
+        tiles, _ = _attn_gpu.backward_tiles(d, d, False)
+        assert n == 2 and fetched[-1] == (bwd_variant("float16", d, True, False, tiles), "attn_bwd_kernel")
+    assert _attn_gpu.warmup(dtypes=("float16",), head_dims=(256,), causal=(True,), dropout=(False,),
+                            backward=False) == 1
