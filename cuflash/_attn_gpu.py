@@ -246,9 +246,10 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
     With backward=True, a head dim whose backward this GPU cannot run (backward_tiles)
     raises ValueError before anything is compiled.
     """
-    if backward:  # the backward's tiles, and its ValueError, as attention_backward would meet them
-        bwd = {d: backward_tiles(d, padded_head_dim(d), use_hopper_backward(padded_head_dim(d)))[0]
-               for d in head_dims}
+    bwd = {}  # head dim -> (tiles, hopper) of its backward, and its ValueError, as attention_backward meets them
+    for d in head_dims if backward else ():
+        hop = use_hopper_backward(padded_head_dim(d))
+        bwd[d] = backward_tiles(d, padded_head_dim(d), hop)[0], hop
     n = 0
     for dt in dtypes:
         for d in head_dims:
@@ -260,7 +261,7 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
                         get_function(fwd_variant(dt, dp, c, p, hop, tiles), "attn_fwd_kernel")
                         n += 1
                     if backward:
-                        hop = use_hopper_backward(dp)
-                        get_function(bwd_variant(dt, dp, c, p, bwd[d], hop), "attn_bwd_kernel")
+                        tiles, hop = bwd[d]
+                        get_function(bwd_variant(dt, dp, c, p, tiles, hop), "attn_bwd_kernel")
                         n += 1
     return n
