@@ -10,7 +10,8 @@
 // (kBlockM = 64 or 128 rows) that see them. Per query block, per warpgroup:
 //   S^T  = K Q^T, dP^T = V dO^T           wgmma; K, V, Q, dO from shared memory, K-major
 //   P^T  = exp2(S^T * scale_log2 - lse * log2 e), masked; dropout keep bits of the
-//          transposed fragment (dropout.cuh), drawn while S^T and dP^T are on the tensor cores
+//          transposed fragment (dropout.cuh), drawn while the previous query block's dV, dK
+//          and dQ are on the tensor cores (a key block's first query block: behind S^T, dP^T)
 //   dS^T = P^T ∘ (dP^T∘keep·s − delta)
 //   dV  += (P^T∘keep·s) dO                wgmma; A from registers (or, kPInSmem, staged in
 //                                         shared memory like dS^T), dO read MN-major
@@ -140,6 +141,26 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const long long key_lo = key_w + (lane >> 2);     // this thread's first key; second is +8
     const unsigned k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
 
+    // Keep bits of this warp's 16 keys x kBlockM queries of query block mb (bit i % 32 of word
+    // i / 32 <-> accumulator element i): one Philox call per thread per 16x16 block.
+    unsigned keep[kBlockM / 32];
+#pragma unroll
+    for (int w = 0; w < kBlockM / 32; ++w) keep[w] = 0xffffffffu;
+    auto draw_keep = [&](int mb_) {
+      const unsigned C = static_cast<unsigned>((k_start + key_w) >> 4);
+      const unsigned R0 = static_cast<unsigned>((q_start + static_cast<long long>(mb_) * kBlockM) >> 4);
+#pragma unroll
+      for (int w = 0; w < kBlockM / 32; ++w) {
+        keep[w] = 0;
+        // Four independent Philox chains per word, interleaved: one call at a time left the
+        // warps waiting on each round's IMAD latency (ncu: 29 % of stalls were fixed-latency
+        // waits). H100, 2026-11-25, p=0.1: hd64 +6-11 %, hd128 +1-3 %, and ptxas spills less.
+#pragma unroll
+        for (int r16 = 0; r16 < 4; ++r16)
+          keep[w] |= dropout_block_keep_t(dp, b, h, R0 + 4 * w + r16, C, lane) << (8 * r16);
+      }
+    };
+
     for (int mb = m_begin; mb < n_mblocks; ++mb) {
       const int st = (mb - m_begin) & 1;
       const long long m0 = static_cast<long long>(mb) * kBlockM;
@@ -171,25 +192,9 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       issue_t(s, k_addr, q_addr);
       issue_t(dps, v_addr, do_addr);
 
-      // Keep bits of this warp's 16 keys x kBlockM queries (bit i <-> accumulator element i), drawn
-      // while the tensor cores work: one Philox call per thread per 16x16 block.
-      unsigned keep[kBlockM / 32];  // bit i % 32 of word i / 32 <-> accumulator element i
-#pragma unroll
-      for (int w = 0; w < kBlockM / 32; ++w) keep[w] = 0xffffffffu;
-      if constexpr (kDropout) {
-        const unsigned C = static_cast<unsigned>((k_start + key_w) >> 4);
-        const unsigned R0 = static_cast<unsigned>((q_start + m0) >> 4);
-#pragma unroll
-        for (int w = 0; w < kBlockM / 32; ++w) {
-          keep[w] = 0;
-          // Four independent Philox chains per word, interleaved: one call at a time left the
-          // warps waiting on each round's IMAD latency (ncu: 29 % of stalls were fixed-latency
-          // waits). H100, 2026-11-25, p=0.1: hd64 +6-11 %, hd128 +1-3 %, and ptxas spills less.
-#pragma unroll
-          for (int r16 = 0; r16 < 4; ++r16)
-            keep[w] |= dropout_block_keep_t(dp, b, h, R0 + 4 * w + r16, C, lane) << (8 * r16);
-        }
-      }
+      // Keep bits of block mb: the first block of a key block draws them here, while S^T and
+      // dP^T run; every later one had them drawn during the previous block's dV, dK, dQ wgmmas.
+      if (kDropout && mb == m_begin) draw_keep(mb);
 
       wgmma_wait<1>();  // S^T done; dP^T may still run
       fence_operands(s);
@@ -282,6 +287,12 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
             sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom), ks > 0 ? 1 : 0);
       }
       wgmma_commit();
+      // The next block's keep bits, on the ALUs while dV, dK and dQ are on the tensor cores:
+      // S^T and dP^T alone are too short to hide a block's Philox calls at hd 64. (H200 fp16
+      // p=0.1, 2026-12-02, against drawing them all behind S^T and dP^T: hd 64 +1.5..+4.7 %,
+      // hd 128 -2.4..+1.6 %. Splitting them between the two windows, or also issuing dV
+      // before dS^T is formed, did no better.)
+      if (kDropout && mb + 1 < n_mblocks) draw_keep(mb + 1);
       wgmma_wait<0>();  // dQ, and dV, dK (pa, sP, sdS may be overwritten next block)
       fence_operands(acc_dq);
       fence_operands(dk_flat);
