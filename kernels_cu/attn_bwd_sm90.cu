@@ -290,8 +290,8 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       // The next block's keep bits, on the ALUs while dV, dK and dQ are on the tensor cores:
       // S^T and dP^T alone are too short to hide a block's Philox calls at hd 64. (H200 fp16
       // p=0.1, 2026-12-02, against drawing them all behind S^T and dP^T: hd 64 +1.5..+4.7 %,
-      // hd 128 -2.4..+1.6 %. Splitting them between the two windows, or also issuing dV
-      // before dS^T is formed, did no better.)
+      // hd 128 -2.4..+1.4 %. Splitting them between the two windows did no better; also
+      // issuing dV before dS^T is formed lost up to 13 %: BENCH.md v9.)
       if (kDropout && mb + 1 < n_mblocks) draw_keep(mb + 1);
       wgmma_wait<0>();  // dQ, and dV, dK (pa, sP, sdS may be overwritten next block)
       fence_operands(acc_dq);
