@@ -98,11 +98,15 @@ FWD_SHORT_KEYS = 2048
 def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen_k: int | None = None) -> AttnTiles:
     """Forward tiles; seqlen_k (None: long) picks the short-sequence tiles where they differ."""
     if hopper and head_dim == 64 and dropout and seqlen_k is not None and seqlen_k <= FWD_SHORT_KEYS:
-        # two CTAs of 64-key blocks per SM (ptxas: 128 registers, no spills): with few key
-        # blocks per CTA its prologue and epilogue weigh, and the other CTA's main loop runs
-        # beside them. H200 fp16 p=0.1, 2026-12-01, TFLOP/s vs 128x128: S=1k 206 vs 191 (full),
-        # 159 vs 147 (causal); S=4k 216 vs 216, 196 vs 197; S=16k 221 vs 228, 206 vs 222
-        return AttnTiles(block_m=128, block_n=64, warps=8, min_blocks=2)
+        # one warpgroup per CTA, three CTAs per SM (ptxas: 144-148 registers, no spills):
+        # with few key blocks per CTA its prologue and epilogue weigh, and the other CTAs'
+        # main loops run beside them. H200 p=0.1, 2026-12-02, TFLOP/s against 128x64 with
+        # two warpgroups, two CTAs per SM (fp16 / bf16): S=1k 209 / 209 vs 207 / 209 (full),
+        # 178 / 178 vs 162 / 163 (causal); S=2k 216 / 217 vs 217 / 217, 196 / 196 vs
+        # 186 / 187. (The same tiles built for four CTAs per SM, 124 registers: 204-210
+        # full, 174-190 causal. Against 128x128, 2026-12-01, 128x64 had read S=1k 206 vs 191
+        # full, 159 vs 147 causal, and equal or worse from 4k on.)
+        return AttnTiles(block_m=64, block_n=64, warps=4, min_blocks=3)
     if hopper and head_dim == 128 and dropout:
         # one warpgroup per CTA, two CTAs per SM: they drift apart, so one's Philox and
         # softmax work overlaps the other's wgmma. H100 fp16 S=4k, 2026-11-25: 238 (full) /
