@@ -46,6 +46,14 @@ constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swiz
 // P^T as the A of dV from shared memory instead of registers: with 128-query blocks its
 // kBlockM / 4 registers of A fragments do not fit beside S^T, dP^T and dK, dV (ptxas spilled).
 constexpr bool kPInSmem = kBlockM == 128;
+// The order of a query block's wgmmas and copies, by head dim. hd 128: the next block's
+// Q/dO copies are issued behind S^T and dP^T (the tensor cores start without waiting on
+// their address arithmetic), and dQ goes first, in a commit group of its own, so its
+// additions to dq_accum go out while dK and dV still run. hd 64: copies before S^T, dQ
+// after dK and dV. H200 fp16, 2026-12-02, A/B against the hd 64 order, two calls, five runs
+// (BENCH.md v11): hd 128 +2.5..+6.1 % (p=0), +0.1..+3.4 % (p=0.1). At hd 64 with dropout
+// the copies behind lost 1..4 %; dQ first alone read +0.9..+2.8 % there once, unconfirmed.
+constexpr bool kHd128Order = kHeadDim == 128;
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
 static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
@@ -142,15 +150,14 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const unsigned k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
 
     // Keep bits of this warp's 16 keys x kBlockM queries of query block mb (bit i % 32 of word
-    // i / 32 <-> accumulator element i): one Philox call per thread per 16x16 block.
-    unsigned keep[kBlockM / 32];
-#pragma unroll
-    for (int w = 0; w < kBlockM / 32; ++w) keep[w] = 0xffffffffu;
+    // i / 32 <-> accumulator element i of s, kST * 4 = kBlockM / 2 of them): one Philox call
+    // per thread per 16x16 block, four blocks per word. Read only under kDropout, after a draw.
+    unsigned keep[kBlockM / 64];
     auto draw_keep = [&](int mb_) {
       const unsigned C = static_cast<unsigned>((k_start + key_w) >> 4);
       const unsigned R0 = static_cast<unsigned>((q_start + static_cast<long long>(mb_) * kBlockM) >> 4);
 #pragma unroll
-      for (int w = 0; w < kBlockM / 32; ++w) {
+      for (int w = 0; w < kBlockM / 64; ++w) {
         keep[w] = 0;
         // Four independent Philox chains per word, interleaved: one call at a time left the
         // warps waiting on each round's IMAD latency (ncu: 29 % of stalls were fixed-latency
@@ -170,8 +177,10 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       // Block mb's Q, dO, lse, delta (and K, V) are visible to every thread and to wgmma;
       // every warpgroup has waited for all its wgmmas of block mb-1, so stage st^1 and sdS are free.
       __syncthreads();
-      if (mb + 1 < n_mblocks) load_q_do(mb + 1, st ^ 1);
-      cp_async_commit();
+      if constexpr (!kHd128Order) {
+        if (mb + 1 < n_mblocks) load_q_do(mb + 1, st ^ 1);
+        cp_async_commit();
+      }
 
       // S^T = K Q^T and dP^T = V dO^T: head-dim step ks reads 32 bytes at (ks % 4) * 32 of
       // 64-column chunk ks / 4 of each operand.
@@ -191,6 +200,10 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       wgmma_fence();
       issue_t(s, k_addr, q_addr);
       issue_t(dps, v_addr, do_addr);
+      if constexpr (kHd128Order) {  // into stage st^1, free since the barrier above
+        if (mb + 1 < n_mblocks) load_q_do(mb + 1, st ^ 1);
+        cp_async_commit();
+      }
 
       // Keep bits of block mb: the first block of a key block draws them here, while S^T and
       // dP^T run; every later one had them drawn during the previous block's dV, dK, dQ wgmmas.
@@ -259,44 +272,56 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       // dK += dS^T Q (and dV += P^T dO): A is this warpgroup's 64 rows of dS^T (P^T), K-major
       // (query step ks at byte 32 (ks % 4) of 64-column chunk ks / 4); B is Q (dO) read MN-major.
       const unsigned ds_addr = smem_u32(sdS);
-      wgmma_fence();  // acc_dq's registers may have held values written by ordinary instructions
-      if constexpr (kPInSmem) {
+      auto issue_dkv = [&] {
+        if constexpr (kPInSmem) {
+#pragma unroll
+          for (int ks = 0; ks < kQSteps; ++ks)
+            Wgmma<elem_t, kHeadDim, 1>::ss(
+                dv_flat,
+                sw128_desc(smem_u32(sP) + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32, 16, kAtom),
+                sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
+        }
 #pragma unroll
         for (int ks = 0; ks < kQSteps; ++ks)
           Wgmma<elem_t, kHeadDim, 1>::ss(
-              dv_flat,
-              sw128_desc(smem_u32(sP) + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32, 16, kAtom),
-              sw128_desc(do_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
-      }
-#pragma unroll
-      for (int ks = 0; ks < kQSteps; ++ks)
-        Wgmma<elem_t, kHeadDim, 1>::ss(dk_flat,
-                                       sw128_desc(ds_addr + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32,
-                                                  16, kAtom),
-                                       sw128_desc(q_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
-      wgmma_commit();
-
+              dk_flat, sw128_desc(ds_addr + (ks >> 2) * (kBlockN * 128) + wg * 64 * 128 + (ks & 3) * 32, 16, kAtom),
+              sw128_desc(q_addr + ks * 16 * 128, kBlockM * 128, kAtom), 1);
+        wgmma_commit();
+      };
       // dQ tile = dS(queries dq_rows0.., keys) K(keys, chunk): key step ks starts at row
       // 16 ks of dS^T (A, MN-major, its 64-query chunk) and of K (B, MN-major).
       float acc_dq[32];
+      auto issue_dq = [&] {
 #pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        const unsigned row = 16 * ks * 128;
-        Wgmma<elem_t, 64, 1, 1>::ss(
-            acc_dq, sw128_desc(ds_addr + (dq_rows0 / 64) * (kBlockN * 128) + row, kBlockN * 128, kAtom),
-            sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom), ks > 0 ? 1 : 0);
+        for (int ks = 0; ks < kBlockN / 16; ++ks) {
+          const unsigned row = 16 * ks * 128;
+          Wgmma<elem_t, 64, 1, 1>::ss(
+              acc_dq, sw128_desc(ds_addr + (dq_rows0 / 64) * (kBlockN * 128) + row, kBlockN * 128, kAtom),
+              sw128_desc(smem_u32(sK) + dq_chunk * (kBlockN * 128) + row, kBlockN * 128, kAtom), ks > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+      };
+      wgmma_fence();  // acc_dq's registers may have held values written by ordinary instructions
+      if constexpr (kHd128Order) {
+        issue_dq();
+        issue_dkv();
+      } else {
+        issue_dkv();
+        issue_dq();
       }
-      wgmma_commit();
       // The next block's keep bits, on the ALUs while dV, dK and dQ are on the tensor cores:
       // S^T and dP^T alone are too short to hide a block's Philox calls at hd 64. (H200 fp16
       // p=0.1, 2026-12-02, against drawing them all behind S^T and dP^T: hd 64 +1.5..+4.7 %,
       // hd 128 -2.4..+1.4 %. Splitting them between the two windows did no better; also
       // issuing dV before dS^T is formed lost up to 13 %: BENCH.md v9.)
       if (kDropout && mb + 1 < n_mblocks) draw_keep(mb + 1);
-      wgmma_wait<0>();  // dQ, and dV, dK (pa, sP, sdS may be overwritten next block)
+      // dQ done (hd 128: dK and dV may still run); pa, sP, sdS stay in use until both are
+      wgmma_wait<kHd128Order ? 1 : 0>();
       fence_operands(acc_dq);
-      fence_operands(dk_flat);
-      fence_operands(dv_flat);
+      if constexpr (!kHd128Order) {
+        fence_operands(dk_flat);
+        fence_operands(dv_flat);
+      }
 
       // One writer thread per element within the CTA: with a split per CTA (deterministic)
       // the additions to an element happen in program order. Row by row: the thread's
@@ -310,6 +335,11 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 #pragma unroll
         for (int t = 0; t < 8; ++t)
           red_add_v2(dq_rows + 8 * rh * kHeadDim + 8 * t, acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
+      }
+      if constexpr (kHd128Order) {
+        wgmma_wait<0>();  // dK, dV: pa, sP, sdS may be overwritten next block
+        fence_operands(dk_flat);
+        fence_operands(dv_flat);
       }
     }
 
