@@ -1,9 +1,10 @@
 // Fused attention backward, Hopper path (sm_90a): wgmma with the keys as the M dimension.
 //
 //   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
-//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed; dk, dv (or, under GQA, the fp32
-//   dk_part, dv_part) as in attn_bwd.cu, whose arguments, launch (key blocks walked in
-//   rounds of gridDim.x; dQ splits when deterministic) and results this kernel shares.
+//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed (deterministic with kDqStoreFirst:
+//   not, see write_dq); dk, dv (or, under GQA, the fp32 dk_part, dv_part) as in attn_bwd.cu,
+//   whose arguments, launch (key blocks walked in rounds of gridDim.x; dQ splits when
+//   deterministic) and results this kernel shares.
 //
 // A CTA owns kBlockN = 64 * kWarpgroups keys of one (b, h); warpgroup g owns keys 64g.. and
 // keeps their dK and dV (64 x D each, fp32) in registers while it walks the query blocks
@@ -18,7 +19,8 @@
 //   dK  += dS^T Q                         wgmma; dS^T staged in shared memory (K-major A),
 //                                         Q read MN-major
 //   dQ  += dS K(:, chunk)                 wgmma; the same dS^T tile read as an MN-major A;
-//                                         added to dq_accum by red.add.v2.f32
+//                                         added to dq_accum by red.add.v2.f32 (or stored:
+//                                         kDqStoreFirst)
 // dQ of a query block is one 64 x 64 tile (64 queries x 64 head-dim columns) per
 // warpgroup (hd 128 x 64 queries, hd 64 x 128 queries), summed over all kBlockN keys, so
 // each dQ element has one writer thread in the CTA.
@@ -54,6 +56,12 @@ constexpr bool kPInSmem = kBlockM == 128;
 // (BENCH.md v11): hd 128 +2.5..+6.1 % (p=0), +0.1..+3.4 % (p=0.1). At hd 64 with dropout
 // the copies behind lost 1..4 %; dQ first alone read +0.9..+2.8 % there once, unconfirmed.
 constexpr bool kHd128Order = kHeadDim == 128;
+#ifndef CUFLASH_DQ_STORE_FIRST
+#error "CUFLASH_DQ_STORE_FIRST must come from cuflash/_config.py (bwd_variant)"
+#endif
+// Deterministic launches store their dQ splits' first pass instead of adding into zeroed
+// memory (write_dq; the reason is at _config.bwd_dq_store_first).
+constexpr bool kDqStoreFirst = CUFLASH_DQ_STORE_FIRST != 0;
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
 static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
@@ -106,6 +114,35 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const float* delta_row = delta + static_cast<long long>(bh) * seqlen_q;
   const int dq_chunk = wg % kDQChunks, dq_rows0 = 64 * (wg / kDQChunks);  // head-dim chunk, first query
 
+  // This thread's part of the dQ tile of the query block at m0_ (rows_q_ rows) into its
+  // split: added, or (store) written over. One writer thread per element within the CTA:
+  // with a split per CTA (deterministic) the writes to an element happen in program order.
+  // Row by row: the thread's eight writes to one row go out back to back, under one tail test.
+  auto write_dq = [&](long long m0_, int rows_q_, const float(&acc)[32], bool store) {
+    const int r0 = wq * 16 + (lane >> 2);  // this thread's rows r0 and r0 + 8 of the tile
+    float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0_ + dq_rows0 + r0) * kHeadDim +
+                     dq_chunk * 64 + 2 * (lane & 3);
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      if (dq_rows0 + r0 + 8 * rh >= rows_q_) continue;  // tail rows of the last query block
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        float* dst = dq_rows + 8 * rh * kHeadDim + 8 * c;
+        if (store) {
+          *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * c + 2 * rh], acc[4 * c + 2 * rh + 1]);
+        } else {
+          red_add_v2(dst, acc[4 * c + 2 * rh], acc[4 * c + 2 * rh + 1]);
+        }
+      }
+    }
+  };
+  // With kDqStoreFirst a deterministic launch (dq_split_stride != 0: one CTA per split)
+  // gets no zeroed memory (_attn_gpu.backward): the CTA's first key block stores its dQ
+  // tiles and zero-fills the query blocks before its m_begin, so every element of the split
+  // is written before the CTA's later key blocks add to it. (Python launches at most
+  // n_kblocks splits, so every CTA has a first key block.) Otherwise all adds.
+  bool dq_written = !kDqStoreFirst || dq_split_stride == 0;
+
   // Q, dO, lse and delta of query block mb into stage st. Rows past Sq are zero-filled:
   // their S and dP are then 0, P = exp2(0) is finite, and every product it enters (P^T dO,
   // dS^T Q with dS = P (0 - 0)) is zero, so the tail needs no extra masking.
@@ -136,6 +173,15 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sV, v_base + n0 * v_st.s, v_st.s, rows_kv, head_dim);
     if (m_begin < n_mblocks) load_q_do(m_begin, 0);
     cp_async_commit();
+    if (!dq_written) {  // the deterministic first pass: zeros for the query blocks this key block does not see
+      float zeros[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) zeros[i] = 0.f;
+      for (int mb = 0; mb < m_begin && mb < n_mblocks; ++mb) {
+        const long long m0 = static_cast<long long>(mb) * kBlockM;
+        write_dq(m0, static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM), zeros, true);
+      }
+    }
 
     float acc_dk[kDT][4], acc_dv[kDT][4];
 #pragma unroll
@@ -323,19 +369,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
         fence_operands(dv_flat);
       }
 
-      // One writer thread per element within the CTA: with a split per CTA (deterministic)
-      // the additions to an element happen in program order. Row by row: the thread's
-      // eight adds to one row go out back to back, under one tail test.
-      const int r0 = wq * 16 + (lane >> 2);  // this thread's rows r0 and r0 + 8 of the tile
-      float* dq_rows = dq_split + (static_cast<long long>(bh) * seqlen_q + m0 + dq_rows0 + r0) * kHeadDim +
-                       dq_chunk * 64 + 2 * (lane & 3);
-#pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        if (dq_rows0 + r0 + 8 * rh >= rows_q) continue;  // tail rows of the last query block
-#pragma unroll
-        for (int t = 0; t < 8; ++t)
-          red_add_v2(dq_rows + 8 * rh * kHeadDim + 8 * t, acc_dq[4 * t + 2 * rh], acc_dq[4 * t + 2 * rh + 1]);
-      }
+      write_dq(m0, rows_q, acc_dq, !dq_written);
       if constexpr (kHd128Order) {
         wgmma_wait<0>();  // dK, dV: pa, sP, sdS may be overwritten next block
         fence_operands(dk_flat);
@@ -346,6 +380,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     // Epilogue: dK = softmax_scale * dS^T Q, dV as accumulated; zero when nothing saw these keys.
     store_dkv_rows<elem_t, kDT>(acc_dk, acc_dv, key_lo, 0, dk, dv, dk_part, dv_part, dkv_st, b, h, hk, nheads,
                                 seqlen_k, head_dim, softmax_scale, 1.f);
+    dq_written = true;
   }
   cp_async_wait<0>();  // no copy may be left in flight at exit
 }
