@@ -150,8 +150,9 @@ def bwd_dq_store_first(head_dim: int) -> bool:
     no memset of the splits (up to _attn_gpu.DETERMINISTIC_DQ_BYTES), no read of zeros from DRAM.
     hd 128 only. H200 sweeps with peers, 2026-12-02 (BENCH.md v11), fp16 and bf16, S = 1k-16k:
     the deterministic cost with p = 0 at hd 128 read +3.0..+18.4 % with it, +10.2..+25.6 %
-    without. At hd 64 the default (atomic) backward ran 1.3-2.7 % slower in the tree that
-    had it, so it stays off there."""
+    without. At hd 64 the tree that had it (with dQ issued first as well) ran the default
+    (atomic) backward 1.3-2.7 % slower, and which of the two cost that was not measured, so
+    it stays off there."""
     return head_dim == 128
 
 
