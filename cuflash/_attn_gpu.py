@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from ._compile import get_function
-from ._config import (HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, AttnTiles, bwd_dq_store_first, bwd_tiles,
+from ._config import (HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, AttnTiles, bwd_tiles,
                       bwd_variant, fwd_tiles, fwd_variant, hopper_fwd_tiles, padded_head_dim)
 from ._validate import dtype_name
 from .mask import keep_probability
@@ -212,7 +212,7 @@ def backward(dout, ctx):
         workers, split_stride = splits, accum
     else:
         splits, workers, split_stride = 1, n_kblocks, 0  # one CTA per key block, atomics into one accumulator
-    if ctx.deterministic and hopper and bwd_dq_store_first(d_pad):  # every split fully written (write_dq)
+    if ctx.deterministic and hopper:  # every split fully written by the kernel (attn_bwd_sm90.cu, write_dq)
         dq_accum = _empty((splits, B, H, Sq, d_pad), cupy.float32)
     else:
         dq_accum = cupy.zeros((splits, B, H, Sq, d_pad), dtype=cupy.float32)

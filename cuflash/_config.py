@@ -25,7 +25,6 @@ __all__ = [
     "SM90_FWD_HEAD_DIMS",
     "SM90_BWD_HEAD_DIMS",
     "bwd_tiles",
-    "bwd_dq_store_first",
     "fwd_variant",
     "bwd_variant",
     "all_variants",
@@ -144,18 +143,6 @@ def _bwd_tiles(head_dim: int, stages: int) -> AttnTiles:
     return AttnTiles(block_m=64, block_n=64, warps=4 if head_dim <= 32 else 8, stages=stages)
 
 
-def bwd_dq_store_first(head_dim: int) -> bool:
-    """Whether the Hopper backward's deterministic launch stores each dQ split's first pass
-    (and zero-fills what that pass does not see) instead of adding into zeroed memory:
-    no memset of the splits (up to _attn_gpu.DETERMINISTIC_DQ_BYTES), no read of zeros from DRAM.
-    hd 128 only. H200 sweeps with peers, 2026-12-02 (BENCH.md v11), fp16 and bf16, S = 1k-16k:
-    the deterministic cost with p = 0 at hd 128 read +3.0..+18.4 % with it, +10.2..+25.6 %
-    without. At hd 64 the tree that had it (with dQ issued first as well) ran the default
-    (atomic) backward 1.3-2.7 % slower, and which of the two cost that was not measured, so
-    it stays off there."""
-    return head_dim == 128
-
-
 def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: AttnTiles):
     return (
         ("CUFLASH_DTYPE_BF16", "1" if dtype == "bfloat16" else "0"),
@@ -201,8 +188,7 @@ def bwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: A
         if head_dim not in SM90_BWD_HEAD_DIMS:
             raise ValueError(f"the sm_90a backward is built for head dims {SM90_BWD_HEAD_DIMS}, not {head_dim}")
         return KernelVariant("attn_bwd_sm90.cu", functions,
-                             _attn_macros(dtype, head_dim, causal, dropout, bwd_tiles(head_dim, hopper=True))
-                             + (("CUFLASH_DQ_STORE_FIRST", "1" if bwd_dq_store_first(head_dim) else "0"),),
+                             _attn_macros(dtype, head_dim, causal, dropout, bwd_tiles(head_dim, hopper=True)),
                              hopper=True)
     return KernelVariant(
         "attn_bwd.cu",

@@ -1,8 +1,8 @@
 // Fused attention backward, Hopper path (sm_90a): wgmma with the keys as the M dimension.
 //
 //   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
-//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed (deterministic with kDqStoreFirst:
-//   not, see write_dq); dk, dv (or, under GQA, the fp32 dk_part, dv_part) as in attn_bwd.cu,
+//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed (deterministic: not, see write_dq);
+//   dk, dv (or, under GQA, the fp32 dk_part, dv_part) as in attn_bwd.cu,
 //   whose arguments, launch (key blocks walked in rounds of gridDim.x; dQ splits when
 //   deterministic) and results this kernel shares.
 //
@@ -20,7 +20,7 @@
 //                                         Q read MN-major
 //   dQ  += dS K(:, chunk)                 wgmma; the same dS^T tile read as an MN-major A;
 //                                         added to dq_accum by red.add.v2.f32 (or stored:
-//                                         kDqStoreFirst)
+//                                         a deterministic split's first pass)
 // dQ of a query block is one 64 x 64 tile (64 queries x 64 head-dim columns) per
 // warpgroup (hd 128 x 64 queries, hd 64 x 128 queries), summed over all kBlockN keys, so
 // each dQ element has one writer thread in the CTA.
@@ -56,12 +56,6 @@ constexpr bool kPInSmem = kBlockM == 128;
 // (BENCH.md v11): hd 128 +2.5..+6.1 % (p=0), +0.1..+3.4 % (p=0.1). At hd 64 with dropout
 // the copies behind lost 1..4 %; dQ first alone read +0.9..+2.8 % there once, unconfirmed.
 constexpr bool kHd128Order = kHeadDim == 128;
-#ifndef CUFLASH_DQ_STORE_FIRST
-#error "CUFLASH_DQ_STORE_FIRST must come from cuflash/_config.py (bwd_variant)"
-#endif
-// Deterministic launches store their dQ splits' first pass instead of adding into zeroed
-// memory (write_dq; the reason is at _config.bwd_dq_store_first).
-constexpr bool kDqStoreFirst = CUFLASH_DQ_STORE_FIRST != 0;
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
 static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV; whole 64-column swizzle chunks");
@@ -136,12 +130,17 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       }
     }
   };
-  // With kDqStoreFirst a deterministic launch (dq_split_stride != 0: one CTA per split)
-  // gets no zeroed memory (_attn_gpu.backward): the CTA's first key block stores its dQ
-  // tiles and zero-fills the query blocks before its m_begin, so every element of the split
-  // is written before the CTA's later key blocks add to it. (Python launches at most
-  // n_kblocks splits, so every CTA has a first key block.) Otherwise all adds.
-  bool dq_written = !kDqStoreFirst || dq_split_stride == 0;
+  // A deterministic launch (dq_split_stride != 0: one CTA per split) gets no zeroed memory
+  // (_attn_gpu.backward): the CTA's first key block stores its dQ tiles and zero-fills the
+  // query blocks before its m_begin, so every element of the split is written before the
+  // CTA's later key blocks add to it. (Python launches at most n_kblocks splits, so every CTA
+  // has a first key block.) That saves the memset of the splits (up to
+  // _attn_gpu.DETERMINISTIC_DQ_BYTES) and the DRAM reads of its zeros. H200 fp16, S = 1k-16k,
+  // 2026-12-02: with p = 0 at hd 128 the deterministic cost read +3.0..+18.4 % with it,
+  // +10.2..+25.6 % without (sweeps with peers, BENCH.md v11); at hd 64 the deterministic
+  // backward ran -1.0..+7.0 % faster with it, the default one unchanged (-1.2..+1.2 %;
+  // three alternating runs, BENCH.md v12). The default launch only adds.
+  bool dq_written = dq_split_stride == 0;
 
   // Q, dO, lse and delta of query block mb into stage st. Rows past Sq are zero-filled:
   // their S and dP are then 0, P = exp2(0) is finite, and every product it enters (P^T dO,
