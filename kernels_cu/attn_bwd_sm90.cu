@@ -54,7 +54,8 @@ constexpr bool kPInSmem = kBlockM == 128;
 // additions to dq_accum go out while dK and dV still run. hd 64: copies before S^T, dQ
 // after dK and dV. H200 fp16, 2026-12-02, A/B against the hd 64 order, two calls, five runs
 // (BENCH.md v11): hd 128 +2.5..+6.1 % (p=0), +0.1..+3.4 % (p=0.1). At hd 64 with dropout
-// the copies behind lost 1..4 %; dQ first alone read +0.9..+2.8 % there once, unconfirmed.
+// the copies behind lost 1..4 %; dQ first alone read -0.6..+0.8 % there (three runs,
+// BENCH.md v12), so hd 64 keeps dQ last.
 constexpr bool kHd128Order = kHeadDim == 128;
 static_assert(kWarps % 4 == 0 && kBlockN == 64 * kWarpgroups, "each warpgroup owns 64 keys");
 static_assert(kBlockM == 64 || kBlockM == 128, "the query block is wgmma N of S^T");
