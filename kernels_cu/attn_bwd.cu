@@ -74,7 +74,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const int nb = walk_key_block(t);
     if (nb >= n_kblocks) continue;  // the last round's tail (uniform across the CTA)
     const long long n0 = static_cast<long long>(nb) * kBlockN;
-    const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+    const int rows_kv = block_rows<kBlockN>(seqlen_k, n0);
 
     load_tile_async<kBlockN, kHeadDim, kThreads>(sK, kLd, k + b * k_st.b + hk * k_st.h + n0 * k_st.s, k_st.s,
                                                  rows_kv, head_dim);
@@ -94,7 +94,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     // Q and dO of query block mb into stage st (Q at sQ0 + 2 st tiles, dO right after).
     auto load_q_do = [&](int mb, int st) {
       const long long m0 = static_cast<long long>(mb) * kBlockM;
-      const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+      const int rows_q = block_rows<kBlockM>(seqlen_q, m0);
       elem_t* sq = sQ0 + 2 * st * kBlockM * kLd;
       load_tile_async<kBlockM, kHeadDim, kThreads>(sq, kLd, q + b * q_st.b + h * q_st.h + m0 * q_st.s, q_st.s,
                                                    rows_q, head_dim);
@@ -107,7 +107,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
     for (int mb = m_begin; mb < n_mblocks; ++mb) {
       const long long m0 = static_cast<long long>(mb) * kBlockM;
-      const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+      const int rows_q = block_rows<kBlockM>(seqlen_q, m0);
       const int st = kQStages == 2 ? (mb - m_begin) & 1 : 0;
       const elem_t* sQ = sQ0 + 2 * st * kBlockM * kLd;
       const elem_t* sdO = sQ + kBlockM * kLd;

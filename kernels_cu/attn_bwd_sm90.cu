@@ -148,7 +148,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   // dS^T Q with dS = P (0 - 0)) is zero, so the tail needs no extra masking.
   auto load_q_do = [&](int mb, int st) {
     const long long m0 = static_cast<long long>(mb) * kBlockM;
-    const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+    const int rows_q = block_rows<kBlockM>(seqlen_q, m0);
     unsigned char* sq = sQ0 + 2 * st * kTileQ;
     load_tile_sw128_async<kBlockM, kHeadDim, kThreads>(sq, q_base + m0 * q_st.s, q_st.s, rows_q, head_dim);
     load_tile_sw128_async<kBlockM, kHeadDim, kThreads>(sq + kTileQ, do_base + m0 * do_st.s, do_st.s, rows_q,
@@ -165,7 +165,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const int nb = walk_key_block(t);
     if (nb >= n_kblocks) continue;  // the last round's tail (uniform across the CTA)
     const long long n0 = static_cast<long long>(nb) * kBlockN;
-    const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+    const int rows_kv = block_rows<kBlockN>(seqlen_k, n0);
     const int m_begin = static_cast<int>(first_query_seeing<kCausal>(n0, causal_diag) / kBlockM);
     cp_async_wait<0>();  // a key block no query sees (a causal shard) leaves its K, V copies in flight
     __syncthreads();     // the previous key block's wgmmas, in every warpgroup, are done with sK, sV
@@ -179,7 +179,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       for (int i = 0; i < 32; ++i) zeros[i] = 0.f;
       for (int mb = 0; mb < m_begin && mb < n_mblocks; ++mb) {
         const long long m0 = static_cast<long long>(mb) * kBlockM;
-        write_dq(m0, static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM), zeros, true);
+        write_dq(m0, block_rows<kBlockM>(seqlen_q, m0), zeros, true);
       }
     }
 
@@ -217,7 +217,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     for (int mb = m_begin; mb < n_mblocks; ++mb) {
       const int st = (mb - m_begin) & 1;
       const long long m0 = static_cast<long long>(mb) * kBlockM;
-      const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+      const int rows_q = block_rows<kBlockM>(seqlen_q, m0);
       cp_async_wait<0>();
       fence_proxy_async();
       // Block mb's Q, dO, lse, delta (and K, V) are visible to every thread and to wgmma;

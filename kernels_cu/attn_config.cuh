@@ -38,6 +38,13 @@ static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0, "tiles are whole 16x16 mma
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Rows of the kRows-row block that starts at row0 which exist in a sequence of len rows:
+// kRows, except in the last block of a sequence that is not a multiple of the tile.
+template <int kRows>
+__device__ __forceinline__ int block_rows(long long len, long long row0) {
+  return static_cast<int>(len - row0 < kRows ? len - row0 : kRows);
+}
+
 // Strides in elements; every tensor's last dim is contiguous (checked in Python).
 struct Strides {
   long long b, s, h;

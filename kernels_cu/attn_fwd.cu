@@ -46,7 +46,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const elem_t* q_base = q + b * q_st.b + h * q_st.h + m0 * q_st.s;
   const elem_t* k_base = k + b * k_st.b + hk * k_st.h;
   const elem_t* v_base = v + b * v_st.b + hk * v_st.h;
-  const int rows_q = static_cast<int>(seqlen_q - m0 < kBlockM ? seqlen_q - m0 : kBlockM);
+  const int rows_q = block_rows<kBlockM>(seqlen_q, m0);
 
   const long long key_end = visible_key_end<kCausal>(m0 + kBlockM, seqlen_k, causal_diag);
   const int n_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
@@ -70,7 +70,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
-    const int rows_kv = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
+    const int rows_kv = block_rows<kBlockN>(seqlen_k, n0);
     cp_async_wait<0>();
     __syncthreads();  // K(nb) (and Q) visible to all warps; every warp is done with V(nb-1)
     load_tile_async<kBlockN, kHeadDim, kThreads>(sV, kLd, v_base + n0 * v_st.s, v_st.s, rows_kv, head_dim);
