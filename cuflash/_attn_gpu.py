@@ -212,7 +212,7 @@ def backward(dout, ctx):
         workers, split_stride = splits, accum
     else:
         splits, workers, split_stride = 1, n_kblocks, 0  # one CTA per key block, atomics into one accumulator
-    if ctx.deterministic and hopper:  # every split fully written by the kernel (attn_bwd_sm90.cu, write_dq)
+    if ctx.deterministic and hopper:  # every split fully written by the kernel (attn_bwd_sm90.cu, dq_written)
         dq_accum = _empty((splits, B, H, Sq, d_pad), cupy.float32)
     else:
         dq_accum = cupy.zeros((splits, B, H, Sq, d_pad), dtype=cupy.float32)

@@ -1,10 +1,10 @@
 // Fused attention backward, Hopper path (sm_90a): wgmma with the keys as the M dimension.
 //
 //   q, dout: (B, Sq, H, D)   k, v: (B, Sk, Hk, D)   lse, delta: (B, H, Sq) fp32
-//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed (deterministic: not, see write_dq);
-//   dk, dv (or, under GQA, the fp32 dk_part, dv_part) as in attn_bwd.cu,
-//   whose arguments, launch (key blocks walked in rounds of gridDim.x; dQ splits when
-//   deterministic) and results this kernel shares.
+//   dq_accum: (splits, B, H, Sq, kHeadDim) fp32, zeroed (deterministic: not, see dq_written);
+//   dk, dv (or, under GQA, the fp32 dk_part, dv_part) as in attn_bwd.cu, whose arguments,
+//   launch (key blocks walked in rounds of gridDim.x; dQ splits when deterministic) and
+//   results this kernel shares.
 //
 // A CTA owns kBlockN = 64 * kWarpgroups keys of one (b, h); warpgroup g owns keys 64g.. and
 // keeps their dK and dV (64 x D each, fp32) in registers while it walks the query blocks
