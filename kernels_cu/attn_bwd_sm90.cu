@@ -90,7 +90,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   unsigned char* sQ0 = sV + kTileKV;     // stage s: Q at sQ0 + 2 s kTileQ, dO right after
   unsigned char* sdS = sQ0 + 4 * kTileQ;  // dS^T, [key][query]
   unsigned char* sP = sdS + kTileS;        // P^T keep s, [key][query] (kPInSmem)
-  float* sLse = reinterpret_cast<float*>(sP + kTileS);  // [stage][query], as stored by the forward
+  float* sLse = reinterpret_cast<float*>(sP + kTileS);  // [stage][query]: the forward's lse, x log2(e) at the loop top
   float* sDelta = sLse + 2 * kBlockM;                     // [stage][query]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -219,6 +219,10 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       const long long m0 = static_cast<long long>(mb) * kBlockM;
       const int rows_q = block_rows<kBlockM>(seqlen_q, m0);
       cp_async_wait<0>();
+      // lse in log2 units once per query, not once per score: the exp below reads it as is (the same
+      // product, so P is bitwise unchanged). Thread r copied row r's lse itself, so after its own
+      // wait it may rewrite it; the barrier below publishes it. v13: fewer FMULs in the S loop.
+      if (threadIdx.x < kBlockM) sLse[st * kBlockM + threadIdx.x] *= kLog2e;
       fence_proxy_async();
       // Block mb's Q, dO, lse, delta (and K, V) are visible to every thread and to wgmma;
       // every warpgroup has waited for all its wgmmas of block mb-1, so stage st^1 and sdS are free.
@@ -263,7 +267,7 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       for (int i = 0; i < kST * 4; ++i) {
         const int qc = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);  // query column of element i
         const long long j = key_lo + 8 * ((i >> 1) & 1);
-        const float p = fast_exp2(fmaf(s[i], scale_log2, -sLse[st * kBlockM + qc] * kLog2e));
+        const float p = fast_exp2(fmaf(s[i], scale_log2, -sLse[st * kBlockM + qc]));
         s[i] = (need_mask && !score_visible<kCausal>(m0 + qc, j, seqlen_k, causal_diag)) ? 0.f : p;
       }
 
@@ -275,10 +279,11 @@ attn_bwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       for (int i = 0; i < kST * 4; ++i) {
         const int qc = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
         if constexpr (kDropout) {
-          const bool kept = (keep[i / 32] >> (i % 32)) & 1u;
-          const float dpk = kept ? dps[i] * drop_scale : 0.f;
-          dps[i] = s[i] * (dpk - sDelta[st * kBlockM + qc]);
-          s[i] = kept ? s[i] * drop_scale : 0.f;
+          // One select of the factor (1/(1-p) or 0) and two multiplies, not two selects: with the lse
+          // change above, 3927 -> 3560 SASS instructions at hd 64 (v13). A NaN dP stays NaN when dropped.
+          const float f = ((keep[i / 32] >> (i % 32)) & 1u) ? drop_scale : 0.f;
+          dps[i] = s[i] * fmaf(dps[i], f, -sDelta[st * kBlockM + qc]);
+          s[i] *= f;
         } else {
           dps[i] = s[i] * (dps[i] - sDelta[st * kBlockM + qc]);
         }
