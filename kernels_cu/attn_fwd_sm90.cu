@@ -76,16 +76,16 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   auto load_k = [&](int nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
-    load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sK + (nb & 1) * kTileKV, k_base + n0 * k_st.s, k_st.s, rows,
-                                                       head_dim);
+    load_tile_sw128_async<kBlockN, kHeadDim, kThreads, false>(sK + (nb & 1) * kTileKV, k_base + n0 * k_st.s,
+                                                              k_st.s, rows, head_dim);
   };
   auto load_v = [&](int nb) {
     const long long n0 = static_cast<long long>(nb) * kBlockN;
     const int rows = static_cast<int>(seqlen_k - n0 < kBlockN ? seqlen_k - n0 : kBlockN);
-    load_tile_sw128_async<kBlockN, kHeadDim, kThreads>(sV + (nb & 1) * kTileKV, v_base + n0 * v_st.s, v_st.s, rows,
-                                                       head_dim);
+    load_tile_sw128_async<kBlockN, kHeadDim, kThreads, false>(sV + (nb & 1) * kTileKV, v_base + n0 * v_st.s,
+                                                              v_st.s, rows, head_dim);
   };
-  load_tile_sw128_async<kBlockM, kHeadDim, kThreads>(sQ, q_base, q_st.s, rows_q, head_dim);
+  load_tile_sw128_async<kBlockM, kHeadDim, kThreads, false>(sQ, q_base, q_st.s, rows_q, head_dim);
   if (n_blocks > 0) load_k(0);
   cp_async_commit();
   if (n_blocks > 1) load_k(1);

@@ -3,8 +3,10 @@
 
 namespace cuflash {
 
-// Copy 16 bytes, or write 16 zero bytes when !valid (src is then not read, but must
-// still be a mapped address: callers pass the tensor's base).
+// Copy 16 bytes, or write 16 zero bytes when !valid (src-size 0: src is then not read).
+// The sm_80 loaders below still pass the tensor's base for such a piece: passing the
+// piece's own address (which may lie past the tensor) moved ptxas's spills both ways in
+// sm_80 variants (2026-12-02, not timed). The Hopper forward does pass it: wgmma_sm90.cuh.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))), "l"(gmem), "r"(valid ? 16 : 0));

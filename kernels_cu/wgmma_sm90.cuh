@@ -33,7 +33,14 @@ __device__ __forceinline__ unsigned tile_sw128_offset(int r, int c) {
 // Load a ROWS x D tile (row stride `row_stride` elements in global memory) into that layout
 // by cp.async, 16 bytes per thread per step; rows at or past rows_valid and columns at or
 // past d_valid are zero-filled (tails, padded head dims).
-template <int ROWS, int D, int THREADS, typename T>
+// kSafeSrc: a zero-filled piece names the tile's base as its source instead of its own
+// address, which may lie past the tensor. cp.async reads nothing at src-size 0 (memcheck
+// clean either way, one cudaMalloc per tensor), so the select only shapes ptxas's code. The
+// forward drops it: two SELs a piece, hd64 with dropout 824 -> 792 loop instructions, fewer
+// registers in every variant, +1.1 % mean over the benchmark's fp16 rows (BENCH.md v14).
+// The backward keeps it: without it ptxas spilled 20 B, not 8, at hd64 p = 0.1, and the
+// A/B read -1..-3 % at hd64 and at hd128 with dropout (H200, 2026-12-02).
+template <int ROWS, int D, int THREADS, bool kSafeSrc = true, typename T>
 __device__ __forceinline__ void load_tile_sw128_async(unsigned char* smem, const T* gmem, long long row_stride,
                                                       int rows_valid, int d_valid) {
   static_assert(D % 64 == 0 && ROWS % 8 == 0, "whole 128-byte rows, whole swizzle atoms");
@@ -51,7 +58,7 @@ __device__ __forceinline__ void load_tile_sw128_async(unsigned char* smem, const
   for (int it = 0; it < ROWS * kPieces / THREADS; ++it, src += kRowStep * row_stride) {
     const int row = row0 + it * kRowStep;
     const bool valid = row < rows_valid && col < d_valid;
-    cp_async_16(smem + tile_sw128_offset<ROWS>(row, col), valid ? src : gmem, valid);
+    cp_async_16(smem + tile_sw128_offset<ROWS>(row, col), !kSafeSrc || valid ? src : gmem, valid);
   }
 }
 
