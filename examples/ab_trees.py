@@ -49,11 +49,11 @@ def worker(args) -> None:
         return
     out = {}
     for d, causal, p, s in shapes(args):
-        b, h = 16384 // s, 2048 // d
+        b, h, flops = benchmark.sweep_shape(s, d, causal)
         fwd, bwd, det = benchmark.bench_cuflash(b, s, h, d, causal, p, args.dtype, deterministic=True)
-        flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
-        out[f"{d}|{int(causal)}|{p}|{s}"] = [flops / fwd[0] / 1e9, 2.5 * flops / bwd[0] / 1e9,
-                                            2.5 * flops / det[0] / 1e9]
+        e = benchmark._row_entry(flops, fwd, bwd)
+        out[f"{d}|{int(causal)}|{p}|{s}"] = [e["fwd_tflops"], e["bwd_tflops"],
+                                            benchmark._row_entry(flops, None, det)["bwd_tflops"]]
     print("AB_RESULT " + json.dumps(out), flush=True)
 
 

@@ -149,6 +149,13 @@ def validate():
     print(f"validated: max |out - fp64 ref| = {err:.2e} (same mask)")
 
 
+def sweep_shape(S: int, D: int, causal: bool) -> tuple[int, int, float]:
+    """(batch, heads, forward FLOPs) of the sweep's shape at seqlen S, head dim D: 16k
+    tokens at d_model 2048; fwd = 4·B·H·S²·D, halved when causal."""
+    B, H = 16384 // S, 2048 // D
+    return B, H, 4 * B * H * S * S * D / (2 if causal else 1)
+
+
 def _row_entry(flops, fwd, bwd):
     """Timings -> the json fields of one library's row; TFLOP/s from the back-to-back times.
     fwd None: the backward's fields only."""
@@ -223,8 +230,7 @@ def main():
             for causal in (False, True):
                 for p in (float(x) for x in args.ps.split(",")):
                     for S in seqs:
-                        B, H = 16384 // S, 2048 // D
-                        flops = 4 * B * H * S * S * D / (2 if causal else 1)
+                        B, H, flops = sweep_shape(S, D, causal)
                         row = dict(dtype=dt, head_dim=D, causal=causal, p=p, seqlen=S, batch=B, heads=H)
                         fwd, bwd, bwd_det = bench_cuflash(B, S, H, D, causal, p, dt, args.deterministic)
                         row["cuflash"] = _row_entry(flops, fwd, bwd)

@@ -58,7 +58,7 @@ __device__ __forceinline__ void load_tile_sw128_async(unsigned char* smem, const
   for (int it = 0; it < ROWS * kPieces / THREADS; ++it, src += kRowStep * row_stride) {
     const int row = row0 + it * kRowStep;
     const bool valid = row < rows_valid && col < d_valid;
-    cp_async_16(smem + tile_sw128_offset<ROWS>(row, col), !kSafeSrc || valid ? src : gmem, valid);
+    cp_async_16(smem + tile_sw128_offset<ROWS>(row, col), (!kSafeSrc || valid) ? src : gmem, valid);
   }
 }
 
