@@ -50,7 +50,11 @@ def worker(args) -> None:
     out = {}
     for d, causal, p, s in shapes(args):
         b, h, flops = benchmark.sweep_shape(s, d, causal)
-        fwd, bwd, det = benchmark.bench_cuflash(b, s, h, d, causal, p, args.dtype, deterministic=True)
+        fwd, bwd, det = benchmark.bench_cuflash(b, s, h, d, causal, p, args.dtype, deterministic=True,
+                                                backward=not args.forward_only)
+        if args.forward_only:
+            out[f"{d}|{int(causal)}|{p}|{s}"] = [flops / fwd[0] / 1e9]  # TFLOP/s, as _row_entry gives them
+            continue
         e = benchmark._row_entry(flops, fwd, bwd)
         out[f"{d}|{int(causal)}|{p}|{s}"] = [e["fwd_tflops"], e["bwd_tflops"],
                                             benchmark._row_entry(flops, None, det)["bwd_tflops"]]
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--ps", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.1])
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--json", type=Path, help="write every run's figures here")
+    ap.add_argument("--forward-only", action="store_true", help="time the forward alone (a third of the time)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -86,7 +91,7 @@ def main() -> None:
         if not (t / "cuflash").is_dir() or not (t / "kernels_cu").is_dir():
             ap.error(f"trees: {t} holds no cuflash/ and kernels_cu/")
     common = ["--dims", ",".join(map(str, args.dims)), "--seqlens", ",".join(map(str, args.seqlens)),
-              "--ps", ",".join(map(str, args.ps)), "--dtype", args.dtype]
+              "--ps", ",".join(map(str, args.ps)), "--dtype", args.dtype] + ["--forward-only"] * args.forward_only
     with ThreadPoolExecutor(len(args.trees)) as ex:  # compile every tree's kernels before timing any
         list(ex.map(lambda t: run_tree(t, common + ["--warm"]), args.trees))
 
@@ -100,20 +105,23 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"trees": [str(t) for t in args.trees], "runs": runs}, indent=1))
 
-    mean = [{k: [sum(run[k][c] for run in tr) / len(tr) for c in range(3)] for k in tr[0]} for tr in runs]
+    parts = 1 if args.forward_only else 3  # fwd, bwd, det
+    mean = [{k: [sum(run[k][c] for run in tr) / len(tr) for c in range(parts)] for k in tr[0]} for tr in runs]
     names = [t.name or str(t) for t in args.trees]
     print(f"{args.dtype}, TFLOP/s means of {args.runs} alternating runs; +x % is against {names[0]}")
-    head = "hd|causal|p|S".ljust(18) + "".join(f"{what + ' ' + nm:>22}" for what in ("fwd", "bwd", "det")
-                                             for nm in names)
+    head = "hd|causal|p|S".ljust(18) + "".join(f"{what + ' ' + nm:>22}"
+                                             for what in ("fwd", "bwd", "det")[:parts] for nm in names)
     print(head)
     for k in mean[0]:
         cells = []
-        for c in range(3):
+        for c in range(parts):
             base = mean[0][k][c]
             for i in range(n):
                 v = mean[i][k][c]
                 cells.append(f"{v:.1f}" if i == 0 else f"{v:.1f} ({100 * (v / base - 1):+.1f}%)")
         print(k.ljust(18) + "".join(f"{x:>22}" for x in cells))
+    if args.forward_only:
+        return
     print("deterministic=True cost (backward time, det / default - 1)")
     print("hd|causal|p|S".ljust(18) + "".join(f"{nm:>14}" for nm in names))
     for k in mean[0]:

@@ -86,15 +86,18 @@ def n_sets(bytes_per_set: int, l2_bytes: int = 50 << 20) -> int:
     return max(2, min(8, math.ceil(3 * l2_bytes / max(bytes_per_set, 1))))
 
 
-def bench_cuflash(B, S, H, D, causal, p, dt, deterministic=False):
+def bench_cuflash(B, S, H, D, causal, p, dt, deterministic=False, backward=True):
     """Timings of the forward and the backward, and (deterministic) of the backward with
-    deterministic=True on the same inputs, else None."""
+    deterministic=True on the same inputs, else None. backward=False: the forward's alone,
+    the other two None."""
     import cupy as cp
 
     rng = cp.random.default_rng(0)
     mk = lambda: rng.standard_normal((B, S, H, D), dtype=cp.float32).astype(_dtype(dt))  # noqa: E731
     sets = [tuple(mk() for _ in range(4)) for _ in range(n_sets(4 * B * S * H * D * 2))]
     fwd = cupy_timings(lambda s: cuflash.attention_forward(s[0], s[1], s[2], dropout_p=p, causal=causal), sets)
+    if not backward:
+        return fwd, None, None
 
     def bwd(det):
         ctxs = [cuflash.attention_forward(q, k, v, dropout_p=p, causal=causal, seed=1, deterministic=det)[1]

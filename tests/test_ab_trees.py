@@ -64,3 +64,25 @@ def test_means_changes_and_rotation(ab, tmp_path, monkeypatch, capsys):
     assert cost.split()[1:] == ["+0.0%", "+25.0%"]
     saved = json.loads(out_json.read_text())
     assert [len(r) for r in saved["runs"]] == [2, 2]
+
+
+def test_forward_only_passes_the_flag_and_prints_the_forward_alone(ab, tmp_path, monkeypatch, capsys):
+    a, b = _tree(tmp_path, "old"), _tree(tmp_path, "new")
+    seen = []
+
+    def fake_run(tree, argv):
+        seen.append("--forward-only" in argv)
+        if "--warm" in argv:
+            return ""
+        return "AB_RESULT " + json.dumps({"64|1|0.1|4096": [200.0 if tree.name == "old" else 210.0]}) + "\n"
+
+    monkeypatch.setattr(ab, "run_tree", fake_run)
+    monkeypatch.setattr(sys, "argv", ["ab_trees.py", str(a), str(b), "--runs", "1", "--dims", "64",
+                                      "--seqlens", "4096", "--ps", "0.1", "--forward-only"])
+    ab.main()
+    assert seen and all(seen)  # the workers (warm-up and timing) get the flag too
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("hd|causal|p|S") and "fwd old" in line and "bwd" not in line for line in lines)
+    row = next(line for line in lines if line.startswith("64|1|0.1|4096"))
+    assert row.split()[1:] == ["200.0", "210.0", "(+5.0%)"]
+    assert not any("deterministic" in line for line in lines)
