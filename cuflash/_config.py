@@ -68,11 +68,12 @@ class AttnTiles:
     warps: int
     stages: int = 1  # backward: shared-memory stages of Q and dO (2: block m+1 loads while m computes)
     min_blocks: int = 1  # Hopper kernels: CTAs per SM they are built for (__launch_bounds__ caps registers)
+    v_stages: int = 2  # Hopper forward: shared-memory stages of V (3: P V waited for one step later)
 
     def smem_bytes(self, head_dim: int, kind: str) -> int:
         """Dynamic shared memory of a forward or backward CTA (mirrors the kernels' carve-up)."""
-        if kind == "fwd_sm90":  # sQ, two stages of sK and sV (128-byte swizzled), 1 KB alignment slack
-            return 2 * head_dim * (self.block_m + 4 * self.block_n) + 1024
+        if kind == "fwd_sm90":  # sQ, two stages of sK, v_stages of sV (128-byte swizzled), 1 KB alignment slack
+            return 2 * head_dim * (self.block_m + (2 + self.v_stages) * self.block_n) + 1024
         if kind == "bwd_sm90":  # sK, sV, two stages of (sQ, sdO), sdS^T, sP^T, two stages of lse and delta, slack
             return 2 * head_dim * (2 * self.block_n + 4 * self.block_m) + 4 * self.block_n * self.block_m \
                 + 16 * self.block_m + 1024
@@ -115,8 +116,12 @@ def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen
     if hopper:
         # two warpgroups x 64 query rows share each K/V block of 128 keys (wgmma n128).
         # H100 fp16 S=4k, 2026-11-25: hd128 p=0 395 TFLOP/s vs 325 with 64-key blocks; hd64
-        # p=0.1 174 vs 150 (64x64, one warpgroup) and 157 (64x128)
-        return AttnTiles(block_m=128, block_n=128, warps=8)
+        # p=0.1 174 vs 150 (64x64, one warpgroup) and 157 (64x128).
+        # Without dropout, three V stages let the kernel wait for P V a step later, so it
+        # overlaps the softmax (attn_fwd_sm90.cu). H200 fp16, 2026-12-02, against two stages:
+        # p=0 +2.0..+6.2 % at hd 64, +3.2..+4.0 % at hd 128 full; with dropout it read -4..+1 %
+        # at hd 64 (255 registers, 8-12 B spilled) and is not taken there.
+        return AttnTiles(block_m=128, block_n=128, warps=8, v_stages=2 if dropout else 3)
     # each warp owns 16 query rows; head dims past 128 take 32-key blocks so acc_o
     # (head_dim / 2 floats per thread) and S (block_n / 2) stay in registers
     return AttnTiles(block_m=64, block_n=64 if head_dim <= 128 else 32, warps=4)
@@ -154,6 +159,7 @@ def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: 
         ("CUFLASH_DROPOUT", "1" if dropout else "0"),
         ("CUFLASH_Q_STAGES", str(tiles.stages)),
         ("CUFLASH_MIN_BLOCKS", str(tiles.min_blocks)),
+        ("CUFLASH_V_STAGES", str(tiles.v_stages)),
     )
 
 

@@ -28,6 +28,7 @@ constexpr int kBlockN = CUFLASH_BLOCK_N;       // key rows per CTA tile
 constexpr int kWarps = CUFLASH_WARPS;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMinBlocks = CUFLASH_MIN_BLOCKS;  // CTAs per SM (Hopper kernels' __launch_bounds__)
+constexpr int kVStages = CUFLASH_V_STAGES;      // shared-memory stages of V (Hopper forward)
 constexpr bool kCausal = CUFLASH_CAUSAL != 0;
 constexpr bool kDropout = CUFLASH_DROPOUT != 0;
 constexpr int kSmemPad = 8;  // elements (16 bytes) per row: ldmatrix rows land in distinct banks

@@ -7,8 +7,8 @@
 // Per key block, per warpgroup: S = Q K^T (wgmma, Q and K from shared memory), masking,
 // online softmax, dropout in the accumulator fragment -- the very code of the sm_80 path,
 // so the same mask bits -- then acc_o += P V (wgmma, P from registers, V read MN-major).
-// K and V are double buffered: block n+1 streams in by cp.async while block n computes.
-// Same arguments and results as attn_fwd.cu.
+// K is double buffered and V double or triple buffered (kVStages): block n+1 streams in
+// by cp.async while block n computes. Same arguments and results as attn_fwd.cu.
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
 #include "dropout.cuh"
@@ -30,6 +30,11 @@ constexpr unsigned kAtom = 1024;                      // bytes of one 8-row swiz
 static_assert(kWarps % 4 == 0 && kBlockM == 64 * kWarpgroups, "each warpgroup owns 64 query rows");
 static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V, and whole 64-column swizzle chunks");
 static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T");
+static_assert(kVStages == 2 || kVStages == 3, "V double or triple buffered");
+// Three V stages let the loop wait for P V(nb) one step later (see the step below), with
+// P(nb + 1) packed into a second buffer meanwhile.
+constexpr bool kDeferPvWait = kVStages == 3;
+constexpr int kPBuffers = kDeferPvWait ? 2 : 1;
 
 extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
 attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
@@ -49,8 +54,8 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const unsigned raw_addr = smem_u32(smem_raw);
   unsigned char* sQ = smem_raw + (((raw_addr + kAtom - 1) & ~(kAtom - 1)) - raw_addr);
-  unsigned char* sK = sQ + kTileQ;       // stage s at sK + s * kTileKV
-  unsigned char* sV = sK + 2 * kTileKV;  // stage s at sV + s * kTileKV
+  unsigned char* sK = sQ + kTileQ;       // stage s (of 2) at sK + s * kTileKV
+  unsigned char* sV = sK + 2 * kTileKV;  // stage s (of kVStages) at sV + s * kTileKV
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
@@ -88,8 +93,9 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   const int first_tile = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x);
 
   Tile g = tile_at(first_tile);
-  int nb = 0;     // the key block whose P V the loop's step issues
-  int stage = 0;  // its K and V stage (block nb + 1's is stage ^ 1): alternates per block
+  int nb = 0;       // the key block whose P V the loop's step issues
+  int stage = 0;    // its K stage (block nb + 1's is stage ^ 1): alternates per block
+  int v_stage = 0;  // its V stage with three of them, nb % 3 (with two: `stage`)
 
   float acc_o[kDT][4];
 #pragma unroll
@@ -145,7 +151,9 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   float(&s_flat)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(s);
   float corr[2];        // acc_o rescale that the softmax of the newest block asks for
   bool rescale = false;  // whether it asks for one (softmax.cuh: lazy row max)
-  unsigned pa[kKSteps][4];  // P of block nb as the A fragments of P V(nb), 4 registers per 16 keys
+  // P of block nb as the A fragments of P V(nb), 4 registers per 16 keys; with kDeferPvWait
+  // in buffer nb & 1, so P(nb + 1) is packed while P V(nb) still reads P(nb).
+  unsigned pa[kPBuffers][kKSteps][4];
 
   // Scores of key block `block` of tile t (in s, wgmma done) -> P with masking, online
   // softmax and dropout.
@@ -171,13 +179,13 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       }
     }
   };
-  auto pack_p = [&]() {
+  auto pack_p = [&](unsigned(&dst)[kKSteps][4]) {
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      pa[ks][0] = pack2<elem_t>(s[2 * ks][0], s[2 * ks][1]);
-      pa[ks][1] = pack2<elem_t>(s[2 * ks][2], s[2 * ks][3]);
-      pa[ks][2] = pack2<elem_t>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      pa[ks][3] = pack2<elem_t>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+      dst[ks][0] = pack2<elem_t>(s[2 * ks][0], s[2 * ks][1]);
+      dst[ks][1] = pack2<elem_t>(s[2 * ks][2], s[2 * ks][3]);
+      dst[ks][2] = pack2<elem_t>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+      dst[ks][3] = pack2<elem_t>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
     }
   };
 
@@ -188,7 +196,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   wgmma_wait<0>();
   fence_operands(s_flat);
   softmax_block(g, 0);
-  pack_p();
+  pack_p(pa[0]);
 
   // One step per key block nb, per warpgroup (FlashAttention-3's intra-warpgroup overlap):
   // S(nb + 1) is issued, acc_o rescaled, P V(nb) issued; then the softmax and dropout
@@ -196,40 +204,59 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   // tensor cores. Each wgmma's accumulators are read only after a wait that ptxas can see
   // covers it (or it serializes every wgmma). One barrier per step: K(nb + 1) and V(nb)
   // both land before it, and K(nb + 2), V(nb + 1) stream in behind it for a whole step.
-  // has_next: whether block nb + 1 exists. It is a constant at both calls, which NVVM
-  // inlines and folds, so the loop carries no epilogue. (A generic lambda taking it as a
-  // type compiled in NVRTC 13.5 but not in the device's 13.0: "host functions are not
-  // allowed in JIT mode".)
-  // Against the loop it replaces (one block lambda with the stage as nb & 1, the epilogue
+  //
+  // Where P V(nb) is waited for. A wait at the end of the step (before P(nb + 1) can be
+  // packed over P(nb)) is one ptxas hoists to the top of the softmax: it has no inputs and
+  // is modelled as free, so in every variant the softmax ran only after P V(nb) (SASS,
+  // 2026-12-02; ncu sampled 10.3 % of the hd 64 forward's warps at it, p = 0.1, S = 4k).
+  // With kDeferPvWait, P(nb + 1) goes to the other P buffer and P V(nb) is waited for in the
+  // next step, behind S(nb + 2)'s issue; P V(nb) may then still read V(nb) at that step's
+  // barrier, so V takes three stages. Without dropout that overlap won (H200, BENCH.md
+  // v16); the dropout variants keep the wait at the end, where the extra 32 registers of
+  // P spilled at hd 64 and read 1-4 % slower.
+  //
+  // has_next: whether block nb + 1 exists; buf: the P buffer P V(nb) reads (nb & 1). Both
+  // are constants at every call, which NVVM inlines and folds, so the loop carries no
+  // epilogue. (A generic lambda taking them as types compiled in NVRTC 13.5 but not in the
+  // device's 13.0: "host functions are not allowed in JIT mode".)
+  // Against the loop before v15 (one block lambda with the stage as nb & 1, the epilogue
   // after the loop, a zero-block case): 24-64 fewer loop instructions in every fp16 variant
   // (hd 64 causal with dropout on the short tiles 868 -> 838), and +3.7..+5.7 % on that
   // forward at S = 1k in four readings over three calls (H200, 2026-12-02, BENCH.md v15).
-  auto step = [&](const bool has_next) {
+  auto step = [&](const bool has_next, const int buf) {
+    const int v_cur = kVStages == 3 ? v_stage : stage;
+    const int v_next = kVStages == 3 ? (v_stage == 2 ? 0 : v_stage + 1) : stage ^ 1;
     // In flight: K(nb + 1), V(nb); both are needed now.
     cp_async_wait<0>();
     fence_proxy_async();
-    // K(nb + 1) and V(nb) visible to wgmma. Every warpgroup is done with S(nb) and
-    // P V(nb - 1) (waited for in the last step), so K stage `stage` and V stage
-    // `stage ^ 1` are free.
+    // K(nb + 1) and V(nb) visible to wgmma. Every warpgroup is done with S(nb) (waited for
+    // in the last step) and with P V(nb - 1) (two stages: waited for in the last step) or
+    // P V(nb - 2) (three: in the one before), so K stage `stage` and V stage v_next are free.
     __syncthreads();
     if (has_next) {
       if (nb + 2 < g.n_blocks) load_k(g, nb + 2, stage);
-      load_v(g, nb + 1, stage ^ 1);
+      load_v(g, nb + 1, v_next);
     }
     cp_async_commit();
     if (has_next) issue_s(s_flat, stage ^ 1);  // s is free: P(nb) is in pa
 
-    // P V(nb - 1) was waited for in the last step. Warp-uniform branch: most blocks after
-    // the first few keep the row max and skip the kDT * 4 multiplies.
+    if constexpr (kDeferPvWait) {
+      // P V(nb - 1) ran through the last step's softmax; retire it (S(nb + 1) stays in
+      // flight) before acc_o is read, and with it P(nb - 1)'s buffer, packed over below.
+      if (has_next) wgmma_wait<1>(); else wgmma_wait<0>();
+      fence_operands(acc_flat);
+    }
+    // P V(nb - 1) has been waited for. Warp-uniform branch: most blocks after the first few
+    // keep the row max and skip the kDT * 4 multiplies.
     if (rescale) OnlineSoftmax<kNT>::rescale(acc_o, corr);
 
     // acc_o += P V(nb): key step ks starts at row 16 ks; LBO steps to the next 64 head-dim columns.
-    const unsigned v_addr = smem_u32(sV + stage * kTileKV);
+    const unsigned v_addr = smem_u32(sV + v_cur * kTileKV);
     wgmma_fence();  // acc_o (rescaled) and pa were written by ordinary instructions
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       const unsigned long long db = sw128_desc(v_addr + ks * 16 * 128, kBlockN * 128, kAtom);
-      Wgmma<elem_t, kHeadDim, 1>::rs(acc_flat, pa[ks], db, 1);
+      Wgmma<elem_t, kHeadDim, 1>::rs(acc_flat, pa[kDeferPvWait ? buf : 0][ks], db, 1);
     }
     wgmma_commit();
 
@@ -241,17 +268,29 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       fence_operands(s_flat);
       softmax_block(g, nb + 1);
     }
-    wgmma_wait<0>();  // P V(nb) done: acc_o and pa are free again
-    fence_operands(acc_flat);
+    if (!kDeferPvWait || !has_next) {
+      wgmma_wait<0>();  // P V(nb) done: acc_o and pa are free again
+      fence_operands(acc_flat);
+    }
     if (!has_next) {
       store_rows(acc_o, row_mul, row_lse, out + g.b * o_st.b + g.h * o_st.h, o_st.s,
                  lse + static_cast<long long>(g.bh) * seqlen_q, g.m0 + lane_row, seqlen_q, head_dim);
     }
-    if (has_next) pack_p();
+    if (has_next) pack_p(pa[kDeferPvWait ? buf ^ 1 : 0]);
     ++nb;
     stage ^= 1;
+    v_stage = v_next;
   };
-  while (nb + 1 < g.n_blocks) step(true);
-  step(false);
+  if constexpr (kDeferPvWait) {
+    for (;;) {  // two steps per trip, so that each one's P buffer is a constant
+      if (nb + 1 >= g.n_blocks) { step(false, 0); break; }
+      step(true, 0);
+      if (nb + 1 >= g.n_blocks) { step(false, 1); break; }
+      step(true, 1);
+    }
+  } else {
+    while (nb + 1 < g.n_blocks) step(true, 0);
+    step(false, 0);
+  }
   cp_async_wait<0>();  // no copy may be left in flight at exit
 }
