@@ -10,6 +10,9 @@ is importable, times scaled_dot_product_attention with the FLASH_ATTENTION (FA2)
 CUDNN_ATTENTION backends on the same shapes in the same run. Writes bench.json and
 bench.png. torch is never a dependency of cuflash.
 
+``--repeats N`` times every library N times per row in rotating order and keeps the
+medians: one reading per row spreads by several percent (BENCH.md v16).
+
 Each repeat times a run of back-to-back calls between two events (enough calls for a
 few milliseconds, each on the next input set), so the GPU time of a call is measured
 and the host's launch work overlaps the previous call, as in a training step. The
@@ -159,6 +162,13 @@ def sweep_shape(S: int, D: int, causal: bool) -> tuple[int, int, float]:
     return B, H, 4 * B * H * S * S * D / (2 if causal else 1)
 
 
+def median_timings(runs):
+    """Field-wise medians of several timings() results of one thing; None if there are none."""
+    if not runs or runs[0] is None:
+        return None
+    return tuple(float(np.median([r[i] for r in runs])) for i in range(len(runs[0])))
+
+
 def _row_entry(flops, fwd, bwd):
     """Timings -> the json fields of one library's row; TFLOP/s from the back-to-back times.
     fwd None: the backward's fields only."""
@@ -211,7 +221,12 @@ def main():
     ap.add_argument("--ps", default="0.0,0.1", help="comma-separated dropout probabilities")
     ap.add_argument("--deterministic", action="store_true",
                     help="also time cuflash's backward with deterministic=True (row key cuflash_det, bwd_* only)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every library this many times per row, in rotating order, and keep the medians "
+                         "(one reading per row spreads by several percent)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     validate()
     try:
         if args.no_torch:
@@ -235,13 +250,20 @@ def main():
                     for S in seqs:
                         B, H, flops = sweep_shape(S, D, causal)
                         row = dict(dtype=dt, head_dim=D, causal=causal, p=p, seqlen=S, batch=B, heads=H)
-                        fwd, bwd, bwd_det = bench_cuflash(B, S, H, D, causal, p, dt, args.deterministic)
+                        libs = ["cuflash", *peers]
+                        got: dict[str, list] = {name: [] for name in libs}
+                        for r in range(args.repeats):
+                            for name in libs[r % len(libs):] + libs[:r % len(libs)]:
+                                got[name].append(bench_cuflash(B, S, H, D, causal, p, dt, args.deterministic)
+                                                 if name == "cuflash" else bench_torch(B, S, H, D, causal, p, dt, name))
+                        fwd, bwd, bwd_det = (median_timings([t[i] for t in got["cuflash"]]) for i in range(3))
                         row["cuflash"] = _row_entry(flops, fwd, bwd)
                         if bwd_det is not None:
                             row["cuflash_det"] = _row_entry(flops, None, bwd_det)  # backward only
                         for peer in peers:
-                            f, b = bench_torch(B, S, H, D, causal, p, dt, peer)
-                            row[peer] = _row_entry(flops, f, b) if f else dict(error=b)
+                            ok = [t for t in got[peer] if t[0] is not None]  # (None, message): not available
+                            row[peer] = (_row_entry(flops, *(median_timings([t[i] for t in ok]) for i in range(2)))
+                                         if ok else dict(error=got[peer][0][1]))
                         rows.append(row)
                         line = (f"{dt:8s} d{D:<3d} {'causal' if causal else 'full  '} p={p:.1f} S={S:5d} | cuflash "
                                 f"{row['cuflash']['fwd_tflops']:6.1f} / {row['cuflash']['bwd_tflops']:6.1f}")
@@ -278,8 +300,9 @@ def main():
     table = markdown_table(rows, peers)
     (out / "bench.md").write_text(table + "\n")
     print(table)
-    host = {name: np.median([r[name]["fwd_host_us"] for r in rows if "fwd_host_us" in r.get(name, {})])
-            for name in ["cuflash", *peers]}
+    host_us = {name: [r[name]["fwd_host_us"] for r in rows if "fwd_host_us" in r.get(name, {})]
+               for name in ["cuflash", *peers]}
+    host = {name: np.median(v) for name, v in host_us.items() if v}  # a peer that never ran has none
     print("median host time to issue one forward call (us): " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
     print("TFLOP/s from back-to-back calls; wrote", out / "bench.json", "and bench.md")
 
