@@ -6,6 +6,9 @@ Only the GPU tests:                         python -m pytest -m gpu tests
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 import cuflash
@@ -18,6 +21,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def load_example():
+    """load_example(stem): a fresh module object of examples/<stem>.py (the examples are
+    scripts, not a package)."""
+
+    def load(stem: str):
+        path = Path(__file__).resolve().parents[1] / "examples" / f"{stem}.py"
+        spec = importlib.util.spec_from_file_location(f"example_{stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture

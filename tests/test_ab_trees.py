@@ -1,22 +1,15 @@
 """examples/ab_trees.py on the CPU: argument checks, and the aggregation of per-tree runs
 (the timing itself runs on a GPU; here each tree's process is replaced by canned results)."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "ab_trees.py"
-
 
 @pytest.fixture
-def ab():
-    spec = importlib.util.spec_from_file_location("ab_trees", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ab(load_example):
+    return load_example("ab_trees")
 
 
 def _tree(tmp_path, name):

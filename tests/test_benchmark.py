@@ -1,23 +1,16 @@
 """examples/benchmark.py on the CPU: --repeats rotates the libraries and keeps medians (the
 timings themselves need a GPU; here they are canned)."""
 
-import importlib.util
 import itertools
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"
-
 
 @pytest.fixture
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_example):
+    return load_example("benchmark")
 
 
 def test_median_timings(bench):
