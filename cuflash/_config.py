@@ -118,9 +118,10 @@ def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen
         # H100 fp16 S=4k, 2026-11-25: hd128 p=0 395 TFLOP/s vs 325 with 64-key blocks; hd64
         # p=0.1 174 vs 150 (64x64, one warpgroup) and 157 (64x128).
         # Without dropout, three V stages let the kernel wait for P V a step later, so it
-        # overlaps the softmax (attn_fwd_sm90.cu). H200 fp16, 2026-12-02, against two stages:
-        # p=0 +2.0..+6.2 % at hd 64, +3.2..+4.0 % at hd 128 full; with dropout it read -4..+1 %
-        # at hd 64 (255 registers, 8-12 B spilled) and is not taken there.
+        # overlaps the softmax (attn_fwd_sm90.cu). H200, 2026-12-02, against two stages, p=0,
+        # fp16 and bf16 over two calls: hd 64 +2.0..+7.5 %, hd 128 full +0.6..+4.8 %, causal
+        # -2.3..+3.3 %. With dropout it read -4..+1 % at hd 64 (255 registers, 8-12 B spilled)
+        # and is not taken there.
         return AttnTiles(block_m=128, block_n=128, warps=8, v_stages=2 if dropout else 3)
     # each warp owns 16 query rows; head dims past 128 take 32-key blocks so acc_o
     # (head_dim / 2 floats per thread) and S (block_n / 2) stay in registers

@@ -212,8 +212,9 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   // With kDeferPvWait, P(nb + 1) goes to the other P buffer and P V(nb) is waited for in the
   // next step, behind S(nb + 2)'s issue; P V(nb) may then still read V(nb) at that step's
   // barrier, so V takes three stages. Without dropout that overlap won (H200, BENCH.md
-  // v16); the dropout variants keep the wait at the end, where the extra 32 registers of
-  // P spilled at hd 64 and read 1-4 % slower.
+  // v16). The dropout variants keep the wait at the end (so, hoisted): deferred, the extra
+  // 32 registers of P spilled at hd 64 and it read 1-4 % slower, and with the softmax put
+  // in a block of its own, which kept the wait after it, -4..+2 %. They are ALU-bound.
   //
   // has_next: whether block nb + 1 exists; buf: the P buffer P V(nb) reads (nb & 1). Both
   // are constants at every call, which NVVM inlines and folds, so the loop carries no
