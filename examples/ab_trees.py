@@ -53,7 +53,7 @@ def worker(args) -> None:
         fwd, bwd, det = benchmark.bench_cuflash(b, s, h, d, causal, p, args.dtype, deterministic=True,
                                                 backward=not args.forward_only)
         if args.forward_only:
-            out[f"{d}|{int(causal)}|{p}|{s}"] = [flops / fwd[0] / 1e9]  # TFLOP/s, as _row_entry gives them
+            out[f"{d}|{int(causal)}|{p}|{s}"] = [benchmark._row_entry(flops, fwd, None)["fwd_tflops"]]
             continue
         e = benchmark._row_entry(flops, fwd, bwd)
         out[f"{d}|{int(causal)}|{p}|{s}"] = [e["fwd_tflops"], e["bwd_tflops"],

@@ -171,8 +171,10 @@ def median_timings(runs):
 
 def _row_entry(flops, fwd, bwd):
     """Timings -> the json fields of one library's row; TFLOP/s from the back-to-back times.
-    fwd None: the backward's fields only."""
-    e = dict(bwd_ms=bwd[0], bwd_tflops=2.5 * flops / bwd[0] / 1e9, bwd_call_ms=bwd[1], bwd_host_us=bwd[2])
+    fwd None: the backward's fields only; bwd None: the forward's only."""
+    e = {}
+    if bwd is not None:
+        e.update(bwd_ms=bwd[0], bwd_tflops=2.5 * flops / bwd[0] / 1e9, bwd_call_ms=bwd[1], bwd_host_us=bwd[2])
     if fwd is not None:
         e.update(fwd_ms=fwd[0], fwd_tflops=flops / fwd[0] / 1e9, fwd_call_ms=fwd[1], fwd_host_us=fwd[2])
     return e

@@ -60,3 +60,10 @@ def test_repeats_must_be_positive(bench, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "--repeats", "0"])
     with pytest.raises(SystemExit):
         bench.main()
+
+
+def test_row_entry_takes_either_side_alone(bench):
+    fwd_only = bench._row_entry(4e12, (2.0, 2.1, 50.0), None)
+    assert fwd_only == {"fwd_ms": 2.0, "fwd_tflops": 2000.0, "fwd_call_ms": 2.1, "fwd_host_us": 50.0}
+    bwd_only = bench._row_entry(4e12, None, (4.0, 4.1, 60.0))
+    assert bwd_only == {"bwd_ms": 4.0, "bwd_tflops": 2500.0, "bwd_call_ms": 4.1, "bwd_host_us": 60.0}
