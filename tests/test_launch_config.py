@@ -28,7 +28,7 @@ def test_forward_tiles_fit_every_gpu():
         assert smem <= min(SMEM_OPTIN.values()), (d, smem)
     for d in SM90_FWD_HEAD_DIMS:
         for dropout in (False, True):
-            for tiles in hopper_fwd_tiles(d, dropout):
+            for tiles in hopper_fwd_tiles(d, dropout, True) + hopper_fwd_tiles(d, dropout, False):
                 smem = tiles.smem_bytes(d, "fwd_sm90")
                 assert smem <= SMEM_OPTIN["9.0"], (d, dropout, tiles, smem)
                 # the CTAs per SM the kernel is built for (__launch_bounds__) must fit too
@@ -88,3 +88,17 @@ def test_warmup_takes_the_backward_s_tiles_and_its_error(monkeypatch):
         assert n == 2 and fetched[-1] == (bwd_variant("float16", d, True, False, tiles), "attn_bwd_kernel")
     assert _attn_gpu.warmup(dtypes=("float16",), head_dims=(256,), causal=(True,), dropout=(False,),
                             backward=False) == 1
+
+
+def test_tma_box_layout():
+    from cuflash._tma import box_layout
+
+    # contiguous (B, S, H, D) fp16: dims reversed, byte strides of S, H, B, 64-column boxes
+    assert box_layout((2, 300, 4, 64), (300 * 4 * 64 * 2, 4 * 64 * 2, 64 * 2, 2), 128) == (
+        (64, 300, 4, 2), (512, 128, 300 * 512), (64, 128, 1, 1))
+    # one slice of a packed (B, S, 3, H, D) qkv buffer: the seq stride spans all three
+    assert box_layout((1, 17, 2, 40), (17 * 3 * 80 * 2, 3 * 80 * 2, 40 * 2, 2), 64) == (
+        (40, 17, 2, 1), (480, 80, 16), (64, 64, 1, 1))  # batch of 1: its stride is never stepped
+    assert box_layout((2, 8, 2, 64), (0, 256, 128, 2), 64) is None  # a broadcast batch: stride 0
+    assert box_layout((1, 8, 2, 64), (0, 264, 128, 2), 64) is None  # seq stride not a multiple of 16 bytes
+    assert box_layout((1, 8, 2, 64), (0, 256, 128, 4), 64) is None  # last dim not contiguous 16-bit
