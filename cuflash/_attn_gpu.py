@@ -8,9 +8,10 @@ import os
 
 import numpy as np
 
+from . import _tma
 from ._compile import get_function
 from ._config import (HEAD_DIMS, SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, AttnTiles, bwd_tiles,
-                      bwd_variant, fwd_tiles, fwd_variant, hopper_fwd_tiles, padded_head_dim)
+                      bwd_variant, cp_async_fallback, fwd_tiles, fwd_variant, hopper_fwd_tiles, padded_head_dim)
 from ._validate import dtype_name
 from .mask import keep_probability
 
@@ -153,19 +154,27 @@ def forward(prob, q, k, v, *, softmax_scale: float, causal: bool, seed: int, off
     B, Sq, H, D, Sk = prob.batch, prob.seqlen_q, prob.nheads, prob.head_dim, prob.seqlen_k
     d_pad = padded_head_dim(D)
     hopper = use_hopper_forward(d_pad)
-    tiles = fwd_tiles(d_pad, hopper, threshold > 0, Sk)
+    tiles = fwd_tiles(d_pad, hopper, threshold > 0, Sk, causal)
+    maps = ()
+    if tiles.tma:
+        bf16 = _dtype_name(q) == "bfloat16"
+        maps = (_tma.tensor_map(q, tiles.block_m, bf16), _tma.tensor_map(k, tiles.block_n, bf16),
+                _tma.tensor_map(v, tiles.block_n, bf16))
+        if any(m is None for m in maps):  # a layout TMA cannot read: the same tiles by cp.async
+            tiles, maps = cp_async_fallback(tiles), ()
     variant = fwd_variant(_dtype_name(q), d_pad, causal, threshold > 0, hopper, tiles if hopper else None)
     smem = tiles.smem_bytes(d_pad, "fwd_sm90" if hopper else "fwd")
     fn = get_function(variant, "attn_fwd_kernel", dynamic_smem=smem)
     out = _empty((B, Sq, H, D), q.dtype)
     lse = _empty((B, H, Sq), cupy.float32)
     grid = (-(-Sq // tiles.block_m), B * H, 1)
-    fn(grid, (32 * tiles.warps,), (
+    fn(grid, (tiles.threads,), (
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         np.int32(H), np.int32(H // prob.nheads_k), np.int64(Sq), np.int64(Sk), np.int32(D),
         np.float32(softmax_scale * _LOG2E),
         *_tail_args(q_start=q_start, k_start=k_start, causal_diag=Sk - Sq if causal_diag is None else causal_diag,
                     seed=seed, offset=offset, rng_state=rng_state, threshold=threshold),
+        *maps,
     ), shared_mem=smem)
     return out, lse
 
@@ -260,7 +269,7 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, T
                 for p in dropout:
                     dp = padded_head_dim(d)
                     hop = use_hopper_forward(dp)
-                    for tiles in hopper_fwd_tiles(dp, p) if hop else (None,):  # every key-length config
+                    for tiles in hopper_fwd_tiles(dp, p, c) if hop else (None,):  # every key-length config
                         get_function(fwd_variant(dt, dp, c, p, hop, tiles), "attn_fwd_kernel")
                         n += 1
                     if backward:

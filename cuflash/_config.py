@@ -22,6 +22,7 @@ __all__ = [
     "FWD_SHORT_KEYS",
     "fwd_tiles",
     "hopper_fwd_tiles",
+    "cp_async_fallback",
     "SM90_FWD_HEAD_DIMS",
     "SM90_BWD_HEAD_DIMS",
     "bwd_tiles",
@@ -69,11 +70,19 @@ class AttnTiles:
     stages: int = 1  # backward: shared-memory stages of Q and dO (2: block m+1 loads while m computes)
     min_blocks: int = 1  # Hopper kernels: CTAs per SM they are built for (__launch_bounds__ caps registers)
     v_stages: int = 2  # Hopper forward: shared-memory stages of V (3: P V waited for one step later)
+    tma: bool = False  # Hopper forward: a producer warpgroup loads by TMA into mbarrier-guarded stages
+
+    @property
+    def threads(self) -> int:
+        """Threads a CTA launches with: `warps` compute warps, plus the producer warpgroup (tma)."""
+        return 32 * (self.warps + 4 * self.tma)
 
     def smem_bytes(self, head_dim: int, kind: str) -> int:
         """Dynamic shared memory of a forward or backward CTA (mirrors the kernels' carve-up)."""
         if kind == "fwd_sm90":  # sQ, two stages of sK, v_stages of sV (128-byte swizzled), 1 KB alignment slack
-            return 2 * head_dim * (self.block_m + (2 + self.v_stages) * self.block_n) + 1024
+            # (tma: then 8 bytes per mbarrier, Q's and two per K and V stage)
+            bars = 8 * (1 + 2 * (2 + self.v_stages)) if self.tma else 0
+            return 2 * head_dim * (self.block_m + (2 + self.v_stages) * self.block_n) + 1024 + bars
         if kind == "bwd_sm90":  # sK, sV, two stages of (sQ, sdO), sdS^T, sP^T, two stages of lse and delta, slack
             return 2 * head_dim * (2 * self.block_n + 4 * self.block_m) + 4 * self.block_n * self.block_m \
                 + 16 * self.block_m + 1024
@@ -92,13 +101,22 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 # Key lengths up to this run the hd 64 Hopper forward with dropout on the short-sequence
-# tiles (fwd_tiles).
+# tiles, and the causal hd 64 one without dropout by cp.async (fwd_tiles).
 FWD_SHORT_KEYS = 2048
 
+# Every Hopper forward tiling loads by TMA (a producer warpgroup, mbarrier-guarded stages:
+# attn_fwd_sm90.cu) except the one below. H200 fp16, 2026-12-02, forward TFLOP/s against the
+# same tiles by cp.async, three alternating runs (BENCH.md v17): p = 0 hd 64 +10..+29 %,
+# hd 128 +29..+35 % (full) and +4..+34 % (causal); p = 0.1 hd 64 +0.5..+6 %, hd 128
+# -0.2..+11 %. The exception, hd 64 causal without dropout at S = 1k and 2k, read -10 % and
+# -4 % (a 128-query CTA sees few 128-key blocks there, and without dropout each is short).
 
-def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen_k: int | None = None) -> AttnTiles:
+
+def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen_k: int | None = None,
+              causal: bool = False) -> AttnTiles:
     """Forward tiles; seqlen_k (None: long) picks the short-sequence tiles where they differ."""
-    if hopper and head_dim == 64 and dropout and seqlen_k is not None and seqlen_k <= FWD_SHORT_KEYS:
+    short = seqlen_k is not None and seqlen_k <= FWD_SHORT_KEYS
+    if hopper and head_dim == 64 and dropout and short:
         # one warpgroup per CTA, three CTAs per SM (ptxas: 144-148 registers, no spills):
         # with few key blocks per CTA its prologue and epilogue weigh, and the other CTAs'
         # main loops run beside them. H200 p=0.1, 2026-12-02, TFLOP/s against 128x64 with
@@ -107,12 +125,12 @@ def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen
         # 186 / 187. (The same tiles built for four CTAs per SM, 124 registers: 204-210
         # full, 174-190 causal. Against 128x128, 2026-12-01, 128x64 had read S=1k 206 vs 191
         # full, 159 vs 147 causal, and equal or worse from 4k on.)
-        return AttnTiles(block_m=64, block_n=64, warps=4, min_blocks=3)
+        return AttnTiles(block_m=64, block_n=64, warps=4, min_blocks=3, tma=True)
     if hopper and head_dim == 128 and dropout:
         # one warpgroup per CTA, two CTAs per SM: they drift apart, so one's Philox and
         # softmax work overlaps the other's wgmma. H100 fp16 S=4k, 2026-11-25: 238 (full) /
         # 219 (causal) TFLOP/s vs 222 / 191 for 128x128 with two warpgroups in lockstep
-        return AttnTiles(block_m=64, block_n=64, warps=4)
+        return AttnTiles(block_m=64, block_n=64, warps=4, min_blocks=2, tma=True)
     if hopper:
         # two warpgroups x 64 query rows share each K/V block of 128 keys (wgmma n128).
         # H100 fp16 S=4k, 2026-11-25: hd128 p=0 395 TFLOP/s vs 325 with 64-key blocks; hd64
@@ -122,7 +140,8 @@ def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen
         # fp16 and bf16 over two calls: hd 64 +2.0..+7.5 %, hd 128 full +0.6..+4.8 %, causal
         # -2.3..+3.3 %. With dropout it read -4..+1 % at hd 64 (255 registers, 8-12 B spilled)
         # and is not taken there.
-        return AttnTiles(block_m=128, block_n=128, warps=8, v_stages=2 if dropout else 3)
+        return AttnTiles(block_m=128, block_n=128, warps=8, v_stages=2 if dropout else 3,
+                         tma=not (head_dim == 64 and causal and not dropout and short))
     # each warp owns 16 query rows; head dims past 128 take 32-key blocks so acc_o
     # (head_dim / 2 floats per thread) and S (block_n / 2) stay in registers
     return AttnTiles(block_m=64, block_n=64 if head_dim <= 128 else 32, warps=4)
@@ -161,12 +180,20 @@ def _attn_macros(dtype: str, head_dim: int, causal: bool, dropout: bool, tiles: 
         ("CUFLASH_Q_STAGES", str(tiles.stages)),
         ("CUFLASH_MIN_BLOCKS", str(tiles.min_blocks)),
         ("CUFLASH_V_STAGES", str(tiles.v_stages)),
+        ("CUFLASH_FWD_TMA", "1" if tiles.tma else "0"),
     )
 
 
-def hopper_fwd_tiles(head_dim: int, dropout: bool) -> tuple[AttnTiles, ...]:
-    """Every tile configuration the Hopper forward runs for a head dim (by key length)."""
-    return tuple(dict.fromkeys((fwd_tiles(head_dim, True, dropout), fwd_tiles(head_dim, True, dropout, 1))))
+def hopper_fwd_tiles(head_dim: int, dropout: bool, causal: bool = False) -> tuple[AttnTiles, ...]:
+    """Every tile configuration the Hopper forward picks for a head dim (by key length)."""
+    return tuple(dict.fromkeys((fwd_tiles(head_dim, True, dropout, None, causal),
+                                fwd_tiles(head_dim, True, dropout, 1, causal))))
+
+
+def cp_async_fallback(tiles: AttnTiles) -> AttnTiles:
+    """The same tiles loaded by cp.async: what a TMA configuration runs on the layouts TMA
+    cannot read (_tma.box_layout)."""
+    return dataclasses.replace(tiles, tma=False)
 
 
 @functools.lru_cache(maxsize=None)  # one object per variant: launches look kernels up by it
@@ -220,7 +247,8 @@ def all_variants() -> list[KernelVariant]:
         for d in SM90_FWD_HEAD_DIMS
         for causal in (False, True)
         for dropout in (False, True)
-        for tiles in hopper_fwd_tiles(d, dropout)
+        for tiles in dict.fromkeys(hopper_fwd_tiles(d, dropout, causal) + tuple(
+            cp_async_fallback(t) for t in hopper_fwd_tiles(d, dropout, causal) if t.tma))
     ] + [
         bwd_variant(dtype, d, causal, dropout, hopper=True)
         for dtype in DTYPES

@@ -8,7 +8,8 @@
 // online softmax, dropout in the accumulator fragment -- the very code of the sm_80 path,
 // so the same mask bits -- then acc_o += P V (wgmma, P from registers, V read MN-major).
 // K is double buffered and V double or triple buffered (kVStages): block n+1 streams in
-// by cp.async while block n computes. Same arguments and results as attn_fwd.cu.
+// while block n computes, by TMA from a producer warpgroup (kTma) or by every thread's
+// cp.async. Same arguments and results as attn_fwd.cu (kTma: and the three tensor maps).
 #include "attn_config.cuh"
 #include "copy_sm80.cuh"
 #include "dropout.cuh"
@@ -16,6 +17,7 @@
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "softmax.cuh"
+#include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 
 using namespace cuflash;
@@ -35,15 +37,38 @@ static_assert(kVStages == 2 || kVStages == 3, "V double or triple buffered");
 // P(nb + 1) packed into a second buffer meanwhile.
 constexpr bool kDeferPvWait = kVStages == 3;
 constexpr int kPBuffers = kDeferPvWait ? 2 : 1;
+// kTma: one more warpgroup (the producer; one lane of it works) loads Q, K and V by TMA into
+// stages guarded by mbarriers (tma_sm90.cuh), and the kWarps compute warps never meet at a
+// CTA barrier: each waits for the stage it reads and releases it once its wgmmas are done
+// with it. Otherwise every thread copies its share by cp.async and the CTA meets at one
+// barrier per key block. A whole warpgroup because registers are shared per scheduler: a
+// ninth warp alone capped every thread at 168 (ptxas); with setmaxnreg the producer gives
+// its registers to the compute warpgroups (128 x 24 + 256 x 240 <= 65536).
+constexpr bool kTma = CUFLASH_FWD_TMA != 0;
+constexpr int kLaunchThreads = kThreads + (kTma ? 128 : 0);
+// setmaxnreg counts. A CTA starts with kLaunchRegs per thread (what __launch_bounds__ leaves
+// each of its threads, as ptxas allocates it) and can only trade registers within that pool:
+// setmaxnreg.inc waits until the pool has them, so asking for more than the producer frees
+// hangs the CTA. The producer keeps 24; the compute warps take the rest (a multiple of 8):
+// 240 with two compute warpgroups, 232 with one and two CTAs per SM.
+constexpr int kProducerRegs = 24;
+constexpr int kLaunchRegs = (65536 / (kLaunchThreads * kMinBlocks)) & ~7;
+constexpr int kComputeRegsFit = ((kLaunchThreads * kLaunchRegs - 128 * kProducerRegs) / kThreads) & ~7;
+constexpr int kComputeRegs = kComputeRegsFit < 256 ? kComputeRegsFit : 256;
 
-extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks)
+extern "C" __global__ void __launch_bounds__(kLaunchThreads, kMinBlocks)
 attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
                 elem_t* __restrict__ out, float* __restrict__ lse,
                 STRIDE_ARGS(q), STRIDE_ARGS(k), STRIDE_ARGS(v), STRIDE_ARGS(o),
                 int nheads, int group,  // group = H / Hk: query heads per kv head
                 long long seqlen_q, long long seqlen_k, int head_dim,
                 float scale_log2,  // softmax_scale * log2(e): scores in exp2 units
-                SHARD_ARGS, RNG_ARGS) {
+                SHARD_ARGS, RNG_ARGS
+#if CUFLASH_FWD_TMA
+                , const __grid_constant__ TensorMap tm_q, const __grid_constant__ TensorMap tm_k,
+                const __grid_constant__ TensorMap tm_v  // cuflash/_tma.py: boxes of 64 columns x kBlockM or kBlockN rows
+#endif
+) {
   STRIDES(q);
   STRIDES(k);
   STRIDES(v);
@@ -56,6 +81,13 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   unsigned char* sQ = smem_raw + (((raw_addr + kAtom - 1) & ~(kAtom - 1)) - raw_addr);
   unsigned char* sK = sQ + kTileQ;       // stage s (of 2) at sK + s * kTileKV
   unsigned char* sV = sK + 2 * kTileKV;  // stage s (of kVStages) at sV + s * kTileKV
+  // kTma: the mbarriers, after the V stages: Q's, then K's and V's full and empty ones.
+  const unsigned bars = smem_u32(sV + kVStages * kTileKV);
+  const unsigned full_q = bars;
+  auto full_k = [&](int st) { return bars + 8u * (1 + st); };
+  auto empty_k = [&](int st) { return bars + 8u * (3 + st); };
+  auto full_v = [&](int st) { return bars + 8u * (5 + st); };
+  auto empty_v = [&](int st) { return bars + 8u * (5 + kVStages + st); };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
@@ -69,7 +101,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   // v15; the SASS measured is this code's, so it stays as measured.)
   struct Tile {
     long long m0;  // first query row
-    int bh, b, h, n_blocks;
+    int bh, b, h, hk, n_blocks;
     const elem_t *k_rows, *v_rows;  // key row 0 of this (b, h)'s kv head
   };
   auto tile_at = [&](int t) {
@@ -79,6 +111,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     g.b = g.bh / nheads;
     g.h = g.bh - g.b * nheads;
     const int hk = g.h / group;
+    g.hk = hk;
     int qb = j;
     if constexpr (kCausal) qb = nq - 1 - j;  // mask.cuh: forward_query_block
     g.m0 = static_cast<long long>(qb) * kBlockM;
@@ -118,15 +151,67 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     load_tile_sw128_async<kBlockN, kHeadDim, kThreads, false>(sV + st * kTileKV, t.v_rows + n0 * v_st.s, v_st.s,
                                                               block_rows<kBlockN>(seqlen_k, n0), head_dim);
   };
-  // Copies, oldest first: [Q, K(0)], [K(1)], [V(0)]; then per step one group
-  // [K(nb + 2), V(nb + 1)] behind the step's barrier (see below).
-  load_q(g);
-  load_k(g, 0, 0);
-  cp_async_commit();
-  if (g.n_blocks > 1) load_k(g, 1, 1);
-  cp_async_commit();
-  load_v(g, 0, 0);
-  cp_async_commit();
+  if constexpr (kTma) {
+    if (threadIdx.x == 0) {
+      mbar_init(full_q, 1);
+      for (int st = 0; st < 2; ++st) {
+        mbar_init(full_k(st), 1);
+        mbar_init(empty_k(st), kWarps);
+      }
+      for (int st = 0; st < kVStages; ++st) {
+        mbar_init(full_v(st), 1);
+        mbar_init(empty_v(st), kWarps);
+      }
+      mbar_fence_init();
+    }
+    __syncthreads();  // the barriers are initialized before any thread uses them (the only CTA barrier)
+    if (warp >= kWarps) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+#if CUFLASH_FWD_TMA
+      // The producer: one lane issues every copy of the tile, in the order the compute
+      // warps need them: Q, K(0), then K(j + 1) before V(j). A refill waits until every
+      // compute warp has released the stage's previous block.
+      if (warp == kWarps && lane == 0) {
+        mbar_arrive_expect_tx(full_q, kTileQ);
+#pragma unroll
+        for (int c = 0; c < kHeadDim / 64; ++c)
+          tma_load_4d(smem_u32(sQ) + c * (kBlockM * 128), tm_q, 64 * c, static_cast<int>(g.m0), g.h, g.b, full_q);
+        auto load_kv = [&](const TensorMap& map, unsigned char* base, int block, int st, unsigned full,
+                           unsigned empty, int use) {
+          if (use > 0) mbar_wait(empty, (use - 1) & 1);
+          mbar_arrive_expect_tx(full, kTileKV);
+#pragma unroll
+          for (int c = 0; c < kHeadDim / 64; ++c)
+            tma_load_4d(smem_u32(base + st * kTileKV) + c * (kBlockN * 128), map, 64 * c, block * kBlockN, g.hk, g.b,
+                        full);
+        };
+        for (int j = 0; j <= g.n_blocks; ++j) {
+          if (j < g.n_blocks) load_kv(tm_k, sK, j, j & 1, full_k(j & 1), empty_k(j & 1), j >> 1);
+          if (j > 0) {
+            const int jv = j - 1;
+            load_kv(tm_v, sV, jv, jv % kVStages, full_v(jv % kVStages), empty_v(jv % kVStages), jv / kVStages);
+          }
+        }
+      }
+#endif
+      return;  // the copies complete on the barriers; the compute warps keep the CTA alive
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kComputeRegs));
+  } else {
+    // Copies, oldest first: [Q, K(0)], [K(1)], [V(0)]; then per step one group
+    // [K(nb + 2), V(nb + 1)] behind the step's barrier (see below).
+    load_q(g);
+    load_k(g, 0, 0);
+    cp_async_commit();
+    if (g.n_blocks > 1) load_k(g, 1, 1);
+    cp_async_commit();
+    load_v(g, 0, 0);
+    cp_async_commit();
+  }
+  // A compute warp is done with a stage: its lane 0 arrives (the warp's wgmma wait is behind it).
+  auto release = [&](unsigned empty) {
+    if (lane == 0) mbar_arrive(empty);
+  };
 
   const DropoutParams dp = make_dropout_params(seed, offset, rng_state, threshold, drop_scale);
   const int warp_row = wg * 64 + wq * 16;       // this warp's first row within the tile
@@ -189,12 +274,18 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     }
   };
 
-  cp_async_wait<2>();
-  fence_proxy_async();
-  __syncthreads();  // Q and K(0) visible to every warpgroup's wgmma
+  if constexpr (kTma) {
+    mbar_wait(full_q, 0);
+    mbar_wait(full_k(0), 0);
+  } else {
+    cp_async_wait<2>();
+    fence_proxy_async();
+    __syncthreads();  // Q and K(0) visible to every warpgroup's wgmma
+  }
   issue_s(s_flat, 0);
   wgmma_wait<0>();
   fence_operands(s_flat);
+  if constexpr (kTma) release(empty_k(0));
   softmax_block(g, 0);
   pack_p(pa[0]);
 
@@ -227,18 +318,23 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   auto step = [&](const bool has_next, const int buf) {
     const int v_cur = kVStages == 3 ? v_stage : stage;
     const int v_next = kVStages == 3 ? (v_stage == 2 ? 0 : v_stage + 1) : stage ^ 1;
-    // In flight: K(nb + 1), V(nb); both are needed now.
-    cp_async_wait<0>();
-    fence_proxy_async();
-    // K(nb + 1) and V(nb) visible to wgmma. Every warpgroup is done with S(nb) (waited for
-    // in the last step) and with P V(nb - 1) (two stages: waited for in the last step) or
-    // P V(nb - 2) (three: in the one before), so K stage `stage` and V stage v_next are free.
-    __syncthreads();
-    if (has_next) {
-      if (nb + 2 < g.n_blocks) load_k(g, nb + 2, stage);
-      load_v(g, nb + 1, v_next);
+    if constexpr (kTma) {  // K(nb + 1) and V(nb) have landed
+      if (has_next) mbar_wait(full_k(stage ^ 1), ((nb + 1) >> 1) & 1);
+      mbar_wait(full_v(v_cur), (nb / kVStages) & 1);
+    } else {
+      // In flight: K(nb + 1), V(nb); both are needed now.
+      cp_async_wait<0>();
+      fence_proxy_async();
+      // K(nb + 1) and V(nb) visible to wgmma. Every warpgroup is done with S(nb) (waited for
+      // in the last step) and with P V(nb - 1) (two stages: waited for in the last step) or
+      // P V(nb - 2) (three: in the one before), so K stage `stage` and V stage v_next are free.
+      __syncthreads();
+      if (has_next) {
+        if (nb + 2 < g.n_blocks) load_k(g, nb + 2, stage);
+        load_v(g, nb + 1, v_next);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
     if (has_next) issue_s(s_flat, stage ^ 1);  // s is free: P(nb) is in pa
 
     if constexpr (kDeferPvWait) {
@@ -246,6 +342,7 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
       // flight) before acc_o is read, and with it P(nb - 1)'s buffer, packed over below.
       if (has_next) wgmma_wait<1>(); else wgmma_wait<0>();
       fence_operands(acc_flat);
+      if (kTma && nb > 0) release(empty_v(v_cur == 0 ? kVStages - 1 : v_cur - 1));  // V(nb - 1)
     }
     // P V(nb - 1) has been waited for. Warp-uniform branch: most blocks after the first few
     // keep the row max and skip the kDT * 4 multiplies.
@@ -267,11 +364,13 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     if (has_next) {
       wgmma_wait<1>();  // S(nb + 1) done; P V(nb) still running
       fence_operands(s_flat);
+      if constexpr (kTma) release(empty_k(stage ^ 1));  // K(nb + 1)
       softmax_block(g, nb + 1);
     }
     if (!kDeferPvWait || !has_next) {
       wgmma_wait<0>();  // P V(nb) done: acc_o and pa are free again
       fence_operands(acc_flat);
+      if constexpr (kTma) release(empty_v(v_cur));  // V(nb)
     }
     if (!has_next) {
       store_rows(acc_o, row_mul, row_lse, out + g.b * o_st.b + g.h * o_st.h, o_st.s,
@@ -293,5 +392,5 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     while (nb + 1 < g.n_blocks) step(true, 0);
     step(false, 0);
   }
-  cp_async_wait<0>();  // no copy may be left in flight at exit
+  if constexpr (!kTma) cp_async_wait<0>();  // no copy may be left in flight at exit
 }

@@ -154,16 +154,21 @@ def test_dropout_unbiased(cp):
     assert err < 0.05, err
 
 
-@pytest.fixture(params=["default", "sm80", "long_tiles"])
+@pytest.fixture(params=["default", "sm80", "long_tiles", "long_tiles_cp_async"])
 def forward_path(request, monkeypatch):
     """Run a test on the default kernels (sm_90a wgmma forward and backward on an H100 for
-    head dims 64/128), again with the sm_80 kernels forced, so an H100 checks both, and with
+    head dims 64/128), again with the sm_80 kernels forced, so an H100 checks both, with
     the Hopper forward's long-sequence tiles at every key length (the short test shapes
-    would otherwise only reach its short-sequence tiles)."""
-    if request.param == "long_tiles":
+    would otherwise only reach its short-sequence tiles), and with those tiles loaded by
+    cp.async where they load by TMA (the fallback for layouts TMA cannot read)."""
+    if request.param.startswith("long_tiles"):
         from cuflash import _config
 
         monkeypatch.setattr(_config, "FWD_SHORT_KEYS", 0)
+    if request.param == "long_tiles_cp_async":
+        from cuflash import _tma
+
+        monkeypatch.setattr(_tma, "tensor_map", lambda *a, **kw: None)
     if request.param == "sm80":
         monkeypatch.setattr(_attn_gpu, "use_hopper_forward", lambda d: False)
         monkeypatch.setattr(_attn_gpu, "use_hopper_backward", lambda d: False)
@@ -272,3 +277,37 @@ def test_warmup_readies_what_the_forward_launches(cp, monkeypatch):
         out = cuflash.attention(q, k, k, dropout_p=0.1, causal=True, seed=1, offset=0)
         assert bool(cp.isfinite(out).all())
     assert set(_compile._kernels) == ready
+
+
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d,causal,p,seqs,heads", [
+    (64, False, 0.0, (1025, 4100), (2, 2)),
+    (64, True, 0.1, (4100, 4100), (4, 2)),
+    (40, True, 0.0, (300, 2500), (2, 1)),   # padded head dim: TMA zero-fills columns 40..63
+    (64, False, 0.1, (97, 2049), (3, 3)),
+    (64, True, 0.1, (1000, 1500), (2, 1)),  # the short-sequence tiles
+    (128, False, 0.0, (1025, 2100), (2, 2)),
+    (128, True, 0.1, (300, 700), (4, 2)),
+    (120, False, 0.1, (64, 64), (1, 1)),
+])
+def test_tma_forward_is_bitwise_the_cp_async_one(cp, monkeypatch, dt, d, causal, p, seqs, heads):
+    # The TMA loads change where the tiles come from, not one operation of the arithmetic: out
+    # and lse must be bitwise those of the same tiles loaded by cp.async, tails included (TMA
+    # zero-fills rows past Sq or Sk and columns past D, as cp.async's src-size 0 does).
+    from cuflash import _config, _tma
+
+    if not _attn_gpu.use_hopper_forward(_config.padded_head_dim(d)):
+        pytest.skip("the TMA forward runs on sm_90 only")
+    Sq, Sk = seqs
+    H, Hk = heads
+    rng = np.random.default_rng(Sq * 7 + Sk)
+    dtype = _dtype(dt)
+    q, k, v = (cp.asarray(rng.standard_normal((2, s, h, d)).astype(dtype)) for s, h in ((Sq, H), (Sk, Hk), (Sk, Hk)))
+    tiles = _config.fwd_tiles(_config.padded_head_dim(d), True, p > 0, Sk, causal)
+    assert tiles.tma, tiles
+    kw = dict(dropout_p=p, causal=causal, seed=99, offset=5)
+    out_tma, ctx_tma = cuflash.attention_forward(q, k, v, **kw)
+    monkeypatch.setattr(_tma, "tensor_map", lambda *a, **kw: None)
+    out_cp, ctx_cp = cuflash.attention_forward(q, k, v, **kw)
+    assert np.array_equal(out_tma.get().view(np.uint16), out_cp.get().view(np.uint16))
+    assert np.array_equal(ctx_tma.lse.get().view(np.uint32), ctx_cp.lse.get().view(np.uint32))
