@@ -114,10 +114,13 @@ FWD_SHORT_KEYS = 2048
 
 def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen_k: int | None = None,
               causal: bool = False) -> AttnTiles:
-    """Forward tiles; seqlen_k (None: long) picks the short-sequence tiles where they differ."""
+    """Forward tiles; seqlen_k (None: long) picks the short-sequence tiles where they differ,
+    and with causal the cp.async loads where TMA lost (above)."""
     short = seqlen_k is not None and seqlen_k <= FWD_SHORT_KEYS
     if hopper and head_dim == 64 and dropout and short:
-        # one warpgroup per CTA, three CTAs per SM (ptxas: 144-148 registers, no spills):
+        # one warpgroup per CTA, three CTAs per SM (ptxas: 144-148 registers by cp.async; by
+        # TMA the compute warpgroup holds 136 of the pool, no spills, and read +1.5..+6.2 % at
+        # S = 1k-2k, BENCH.md v17):
         # with few key blocks per CTA its prologue and epilogue weigh, and the other CTAs'
         # main loops run beside them. H200 p=0.1, 2026-12-02, TFLOP/s against 128x64 with
         # two warpgroups, two CTAs per SM (fp16 / bf16): S=1k 209 / 209 vs 207 / 209 (full),
@@ -129,7 +132,9 @@ def fwd_tiles(head_dim: int, hopper: bool = False, dropout: bool = False, seqlen
     if hopper and head_dim == 128 and dropout:
         # one warpgroup per CTA, two CTAs per SM: they drift apart, so one's Philox and
         # softmax work overlaps the other's wgmma. H100 fp16 S=4k, 2026-11-25: 238 (full) /
-        # 219 (causal) TFLOP/s vs 222 / 191 for 128x128 with two warpgroups in lockstep
+        # 219 (causal) TFLOP/s vs 222 / 191 for 128x128 with two warpgroups in lockstep.
+        # min_blocks=2 is what two CTAs per SM fit anyway; it also starts each thread at the
+        # 128 registers that setmaxnreg trades for 232 in the compute warpgroup (TMA).
         return AttnTiles(block_m=64, block_n=64, warps=4, min_blocks=2, tma=True)
     if hopper:
         # two warpgroups x 64 query rows share each K/V block of 128 keys (wgmma n128).
