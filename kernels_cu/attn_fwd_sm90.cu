@@ -293,8 +293,10 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
   // S(nb + 1) is issued, acc_o rescaled, P V(nb) issued; then the softmax and dropout
   // (Philox words included) of block nb + 1 run on the ALUs while P V(nb) runs on the
   // tensor cores. Each wgmma's accumulators are read only after a wait that ptxas can see
-  // covers it (or it serializes every wgmma). One barrier per step: K(nb + 1) and V(nb)
-  // both land before it, and K(nb + 2), V(nb + 1) stream in behind it for a whole step.
+  // covers it (or it serializes every wgmma). By cp.async, one barrier per step: K(nb + 1)
+  // and V(nb) both land before it, and K(nb + 2), V(nb + 1) stream in behind it for a whole
+  // step. By TMA (kTma), the step waits for K(nb + 1) and V(nb) on their full barriers, and
+  // the producer refills each stage as soon as every compute warp has released it.
   //
   // Where P V(nb) is waited for. A wait at the end of the step (before P(nb + 1) can be
   // packed over P(nb)) is one ptxas hoists to the top of the softmax: it has no inputs and
