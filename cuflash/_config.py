@@ -23,6 +23,7 @@ __all__ = [
     "fwd_tiles",
     "hopper_fwd_tiles",
     "cp_async_fallback",
+    "hopper_fwd_builds",
     "SM90_FWD_HEAD_DIMS",
     "SM90_BWD_HEAD_DIMS",
     "bwd_tiles",
@@ -201,6 +202,13 @@ def cp_async_fallback(tiles: AttnTiles) -> AttnTiles:
     return dataclasses.replace(tiles, tma=False)
 
 
+def hopper_fwd_builds(head_dim: int, dropout: bool, causal: bool) -> tuple[AttnTiles, ...]:
+    """Every tiling a Hopper forward variant may launch: hopper_fwd_tiles and the cp.async
+    fallbacks of those that load by TMA (what the compile checks build)."""
+    picked = hopper_fwd_tiles(head_dim, dropout, causal)
+    return tuple(dict.fromkeys(picked + tuple(cp_async_fallback(t) for t in picked if t.tma)))
+
+
 @functools.lru_cache(maxsize=None)  # one object per variant: launches look kernels up by it
 def fwd_variant(dtype: str, head_dim: int, causal: bool, dropout: bool, hopper: bool = False,
                 tiles: AttnTiles | None = None) -> KernelVariant:
@@ -252,8 +260,7 @@ def all_variants() -> list[KernelVariant]:
         for d in SM90_FWD_HEAD_DIMS
         for causal in (False, True)
         for dropout in (False, True)
-        for tiles in dict.fromkeys(hopper_fwd_tiles(d, dropout, causal) + tuple(
-            cp_async_fallback(t) for t in hopper_fwd_tiles(d, dropout, causal) if t.tma))
+        for tiles in hopper_fwd_builds(d, dropout, causal)
     ] + [
         bwd_variant(dtype, d, causal, dropout, hopper=True)
         for dtype in DTYPES

@@ -30,7 +30,8 @@ def box_layout(shape: tuple[int, int, int, int], strides_bytes: tuple[int, int, 
     contiguous: dims (D, S, H, B), byte strides of S, H and B, box (64, rows, 1, 1). A
     dimension of extent 1 is never stepped, so its stride is set to a legal stand-in (the
     driver wants every stride a multiple of 16 below 2^40, and a broadcast view has 0).
-    Returns None where TMA cannot take the array: a stride or the base not 16-byte aligned."""
+    Returns None where TMA cannot take the array: a stride not a multiple of 16 bytes, or
+    the last dim not contiguous 16-bit (tensor_map checks the base address)."""
     B, S, H, D = shape
     sb, ss, sh, sd = strides_bytes
     if sd != 2:

@@ -110,16 +110,15 @@ attn_fwd_kernel(const elem_t* __restrict__ q, const elem_t* __restrict__ k, cons
     const int j = t - g.bh * nq;
     g.b = g.bh / nheads;
     g.h = g.bh - g.b * nheads;
-    const int hk = g.h / group;
-    g.hk = hk;
+    g.hk = g.h / group;
     int qb = j;
     if constexpr (kCausal) qb = nq - 1 - j;  // mask.cuh: forward_query_block
     g.m0 = static_cast<long long>(qb) * kBlockM;
     const long long key_end = visible_key_end<kCausal>(g.m0 + kBlockM, seqlen_k, causal_diag);
     const int n = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
     g.n_blocks = n > 0 ? n : 1;
-    g.k_rows = k + g.b * k_st.b + hk * k_st.h;
-    g.v_rows = v + g.b * v_st.b + hk * v_st.h;
+    g.k_rows = k + g.b * k_st.b + g.hk * k_st.h;
+    g.v_rows = v + g.b * v_st.b + g.hk * v_st.h;
     return g;
   };
 
