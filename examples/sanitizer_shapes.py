@@ -3,10 +3,12 @@
     PYTHONPATH=. compute-sanitizer --tool memcheck --error-exitcode 9 python examples/sanitizer_shapes.py
     PYTHONPATH=. compute-sanitizer --tool racecheck --error-exitcode 9 python examples/sanitizer_shapes.py --quick
 
-Covers both Hopper forward tilings (short keys with dropout, and the long-key one), tails
-that are not multiples of any tile (97, 129, 200, 257, 1025, 2100), Sq != Sk with causal
-fully masked rows, GQA, deterministic and default backward, and head dims 64, 96, 128 and
-256 (96 and 256 on the sm_80 kernels). CuPy's memory pool is switched off, so each tensor
+Covers the Hopper forward's tilings: by TMA, hd 64 with dropout on short keys (Sk <= 2048)
+and long ones, hd 64 without dropout, hd 128 with and without, a head dim padded to 64
+(40: TMA zero-fills its columns); by cp.async, hd 64 causal without dropout on short keys.
+Also tails that are not multiples of any tile (97, 129, 200, 257, 1025, 2100, 2200), Sq !=
+Sk with causal fully masked rows, GQA, deterministic and default backward, and head dims
+96 and 256 on the sm_80 kernels. CuPy's memory pool is switched off, so each tensor
 is its own cudaMalloc and memcheck sees every tensor's end. Prints one line per shape and
 fails if any output or gradient is not finite.
 """
@@ -19,7 +21,9 @@ import cuflash
 
 # (B, Sq, Sk, H, Hk, D, causal, dropout_p, deterministic)
 CASES = [(1, 97, 200, 2, 1, 64, False, 0.17, False), (1, 200, 97, 2, 2, 128, True, 0.0, True),
-         (1, 130, 130, 2, 2, 64, True, 0.17, True), (1, 1025, 1025, 1, 1, 64, False, 0.1, False)]
+         (1, 130, 130, 2, 2, 64, True, 0.17, True), (1, 1025, 1025, 1, 1, 64, False, 0.1, False),
+         (1, 129, 2200, 1, 1, 64, False, 0.1, True), (1, 97, 2100, 2, 1, 64, False, 0.0, False),
+         (1, 130, 2200, 2, 2, 40, True, 0.0, False), (1, 65, 2049, 2, 2, 128, False, 0.0, False)]
 MORE = [(2, 129, 257, 4, 2, 128, False, 0.17, True), (1, 2100, 300, 1, 1, 64, True, 0.0, False),
         (1, 64, 64, 1, 1, 96, True, 0.17, True), (1, 33, 65, 2, 1, 256, False, 0.0, False)]
 
